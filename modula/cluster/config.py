@@ -1,0 +1,912 @@
+"""The one config: a pydantic v2 schema, YAML loading, ``${ENV}`` interpolation, ``--set`` overrides.
+
+Every command takes a :class:`ModulaConfig`. Problems are collected and reported as
+``field.path: what is wrong (allowed: ...)`` lines by :class:`ConfigError`, so a CLI can print
+them without a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+__all__ = [
+    "ConfigError",
+    "ModulaConfig",
+    "ClusterConfig",
+    "StorageConfig",
+    "ModelConfig",
+    "TinyModelConfig",
+    "ModulaLayerConfig",
+    "RouterConfig",
+    "DomainConfig",
+    "StagesConfig",
+    "StageConfig",
+    "ScalingConfigSpec",
+    "TuneConfig",
+    "SearchDimension",
+    "ServeConfig",
+    "AutoscalingSpec",
+    "EvalConfig",
+    "load_config",
+    "config_from_dict",
+    "apply_overrides",
+    "redacted_dict",
+    "DEFAULT_CONFIG_PATH",
+]
+
+# the embedded default: the schema's own defaults; configs/default.yaml spells them out
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
+
+Variant = Literal["lora", "molora", "flan", "res"]
+Dtype = Literal["float32", "bfloat16", "float16"]
+KernelBackend = Literal["auto", "reference", "stacked", "triton"]
+Metric = Literal["exact_match", "accuracy", "perplexity"]
+BUILTIN_DOMAINS = ("general", "code", "math", "units", "headlines", "products")
+STAGE_NAMES = ("pretrain", "universal", "domain", "router", "lora", "molora")
+
+_DOMAIN_NAME = r"^[a-z][a-z0-9_-]{0,31}$"
+_S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+class _Section(BaseModel):
+    """Base of every section: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------
+# cluster
+
+
+class NodeType(_Section):
+    """A kind of node for the cluster launcher / KubeRay manifests."""
+
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,40}$")] = "worker"
+    cpus: Annotated[int, Field(ge=1)] = 8
+    gpus: Annotated[int, Field(ge=0)] = 0
+    memory_gb: Annotated[int, Field(ge=1)] = 32
+    min_workers: Annotated[int, Field(ge=0)] = 0
+    max_workers: Annotated[int, Field(ge=0)] = 4
+    instance_type: str | None = None
+    accelerator_type: str | None = None
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> NodeType:
+        if self.min_workers > self.max_workers:
+            raise ValueError(
+                f"min_workers ({self.min_workers}) must be <= max_workers ({self.max_workers})"
+            )
+        return self
+
+
+class KubernetesSpec(_Section):
+    namespace: str = "default"
+    # an image with modula installed: `docker build -t modula:0.1.0 .` from this repository
+    image: str = "modula:0.1.0"
+    service_account: str | None = None
+
+
+class ProviderSpec(_Section):
+    """Where `ray up` creates machines."""
+
+    type: Literal["aws", "gcp", "azure", "local"] = "aws"
+    region: str = "us-west-2"
+    availability_zone: str | None = None
+    head_ip: str | None = None
+    worker_ips: list[str] = Field(default_factory=list)
+
+
+class ClusterConfig(_Section):
+    """How to reach Ray: ``local`` starts one here, anything else is the address of a cluster."""
+
+    address: str = "local"
+    num_cpus: Annotated[int, Field(ge=1)] | None = 4
+    num_gpus: Annotated[int, Field(ge=0)] | None = 0
+    resources: dict[str, float] = Field(default_factory=dict)
+    object_store_memory_mb: Annotated[int, Field(ge=75)] | None = None
+    dashboard: bool = True
+    dashboard_port: Annotated[int, Field(ge=1024, le=65535)] = 8265
+    namespace: str = "modula"
+    runtime_env: dict[str, Any] = Field(default_factory=dict)
+    project_dir: str = "."
+    head: NodeType = Field(default_factory=lambda: NodeType(name="head", min_workers=0, max_workers=0))
+    workers: list[NodeType] = Field(default_factory=lambda: [NodeType()])
+    provider: ProviderSpec = Field(default_factory=ProviderSpec)
+    kubernetes: KubernetesSpec = Field(default_factory=KubernetesSpec)
+    docker_image: str = "rayproject/ray:2.60.0-py311"
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        v = v.strip()
+        if v in ("local", "auto"):
+            return v
+        if re.match(r"^(ray|http|https)://[^\s/]+(:\d+)?/?$", v) or re.match(
+            r"^[A-Za-z0-9.\-]+:\d{2,5}$", v
+        ):
+            return v
+        raise ValueError(
+            f"{v!r} is not a Ray address (allowed: 'local', 'auto', 'host:port', "
+            "'ray://host:port', 'http://host:8265')"
+        )
+
+    @field_validator("runtime_env")
+    @classmethod
+    def _runtime_env(cls, v: dict[str, Any]) -> dict[str, Any]:
+        allowed = {"env_vars", "pip", "uv", "conda", "working_dir", "py_modules", "excludes",
+                   "container", "image_uri", "nsight", "config", "py_executable"}
+        unknown = sorted(set(v) - allowed)
+        if unknown:
+            raise ValueError(f"unknown runtime_env keys {unknown} (allowed: {sorted(allowed)})")
+        env = v.get("env_vars", {})
+        if not isinstance(env, dict) or not all(isinstance(x, str) for x in env.values()):
+            raise ValueError("runtime_env.env_vars must map names to strings")
+        return v
+
+    @property
+    def is_local(self) -> bool:
+        return self.address == "local"
+
+    @property
+    def dashboard_address(self) -> str:
+        """The HTTP address of the Jobs API for this cluster."""
+        if self.address.startswith(("http://", "https://")):
+            return self.address.rstrip("/")
+        if self.address.startswith("ray://"):
+            host = self.address[len("ray://"):].split(":")[0]
+            return f"http://{host}:{self.dashboard_port}"
+        if self.address in ("local", "auto"):
+            return f"http://127.0.0.1:{self.dashboard_port}"
+        return f"http://{self.address.split(':')[0]}:{self.dashboard_port}"
+
+
+# --------------------------------------------------------------------------------------------
+# storage
+
+
+class StorageConfig(_Section):
+    """Where datasets, run directories and the expert registry live."""
+
+    root: str = "./runs"
+    endpoint: str | None = None
+    region: str = "us-east-1"
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+
+    @field_validator("root")
+    @classmethod
+    def _root(cls, v: str) -> str:
+        v = v.strip()
+        if not v:
+            raise ValueError("must not be empty (allowed: a path or s3://bucket/prefix)")
+        if "://" in v:
+            scheme, rest = v.split("://", 1)
+            if scheme != "s3":
+                raise ValueError(
+                    f"scheme {scheme!r} is not supported (allowed: a local path or s3://bucket/prefix)"
+                )
+            bucket = rest.split("/", 1)[0]
+            if not bucket:
+                raise ValueError("s3:// root has no bucket (expected s3://bucket/prefix)")
+            if not _S3_BUCKET.match(bucket):
+                raise ValueError(
+                    f"{bucket!r} is not a valid S3 bucket name (3-63 lowercase letters, digits, '.' or '-')"
+                )
+            return v.rstrip("/")
+        return v
+
+    @field_validator("access_key_id", "secret_access_key", mode="before")
+    @classmethod
+    def _empty_secret(cls, v: Any) -> Any:
+        # "${AWS_ACCESS_KEY_ID:-}" with the variable unset means "use the environment's chain"
+        return None if v == "" else v
+
+    @field_validator("endpoint", mode="before")
+    @classmethod
+    def _empty_endpoint(cls, v: Any) -> Any:
+        return None if v == "" else v
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^\s/]+(:\d+)?/?$", v):
+            raise ValueError(f"{v!r} is not an endpoint URL (expected http(s)://host[:port])")
+        return v.rstrip("/") if v else v
+
+    @model_validator(mode="after")
+    def _endpoint_needs_s3(self) -> StorageConfig:
+        if self.endpoint and not self.is_s3:
+            raise ValueError("endpoint is set but root is not an s3:// URL")
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            raise ValueError("access_key_id and secret_access_key must be given together")
+        return self
+
+    @property
+    def is_s3(self) -> bool:
+        return self.root.startswith("s3://")
+
+    @property
+    def bucket(self) -> str | None:
+        return self.root[len("s3://"):].split("/", 1)[0] if self.is_s3 else None
+
+    @property
+    def prefix(self) -> str:
+        if not self.is_s3:
+            return ""
+        parts = self.root[len("s3://"):].split("/", 1)
+        return parts[1] if len(parts) > 1 else ""
+
+
+# --------------------------------------------------------------------------------------------
+# model
+
+
+class TinyModelConfig(_Section):
+    """The built-in Llama-architecture base model, pretrained locally (stage 0)."""
+
+    vocab_size: Annotated[int, Field(ge=256, le=65536)] = 4096
+    hidden_size: Annotated[int, Field(ge=16)] = 192
+    num_layers: Annotated[int, Field(ge=1, le=64)] = 4
+    num_heads: Annotated[int, Field(ge=1)] = 6
+    num_kv_heads: Annotated[int, Field(ge=1)] | None = 2
+    intermediate_size: Annotated[int, Field(ge=16)] = 512
+    max_position_embeddings: Annotated[int, Field(ge=64)] = 512
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads(self) -> TinyModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+            )
+        if self.num_kv_heads and self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})"
+            )
+        return self
+
+
+class ModelConfig(_Section):
+    """The frozen base model: ``builtin:tiny``, a local HF directory, or an s3:// prefix."""
+
+    base: str = "builtin:tiny"
+    dtype: Dtype = "float32"
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+    max_length: Annotated[int, Field(ge=16)] = 256
+    trust_remote_code: bool = False
+
+    @field_validator("base")
+    @classmethod
+    def _base(cls, v: str) -> str:
+        if v.startswith("builtin:") and v != "builtin:tiny":
+            raise ValueError(f"unknown built-in model {v!r} (allowed: 'builtin:tiny')")
+        if "://" in v and not v.startswith("s3://"):
+            raise ValueError(
+                "hub or URL models are not fetched at run time "
+                "(allowed: 'builtin:tiny', a local HF directory, s3://bucket/prefix)"
+            )
+        return v
+
+    @property
+    def is_builtin(self) -> bool:
+        return self.base == "builtin:tiny"
+
+
+# --------------------------------------------------------------------------------------------
+# the MoDULA layer
+
+
+class RouterConfig(_Section):
+    """Per-layer routers. The paper: dense softmax per token (top_k = None, temperature 1)."""
+
+    top_k: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(gt=0)] = 1.0
+
+
+class ModulaLayerConfig(_Section):
+    """The adapted layer (PAPER.md); [ours] defaults are the fields with a comment."""
+
+    variant: Variant = "res"
+    universal_rank: Annotated[int, Field(ge=1, le=1024)] = 16
+    domain_rank: Annotated[int, Field(ge=1, le=1024)] = 8
+    # [ours] alpha = 2 * rank when not given
+    universal_alpha: Annotated[float, Field(gt=0)] | None = None
+    domain_alpha: Annotated[float, Field(gt=0)] | None = None
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    # [ours] all linear projections of attention and MLP; None = the model family's default
+    target_modules: list[str] | None = None
+    leaky_relu_slope: Annotated[float, Field(ge=0, lt=1)] = 0.01
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    kernel: KernelBackend = "auto"
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("must name at least one module, or be omitted for the default")
+            dup = sorted({x for x in v if v.count(x) > 1})
+            if dup:
+                raise ValueError(f"modules named twice: {dup}")
+        return v
+
+    @property
+    def universal_scaling(self) -> float:
+        return (self.universal_alpha or 2.0 * self.universal_rank) / self.universal_rank
+
+    @property
+    def domain_scaling(self) -> float:
+        return (self.domain_alpha or 2.0 * self.domain_rank) / self.domain_rank
+
+
+# --------------------------------------------------------------------------------------------
+# domains
+
+
+class SplitSizes(_Section):
+    train: Annotated[int, Field(ge=1)] = 2000
+    validation: Annotated[int, Field(ge=1)] = 100
+    test: Annotated[int, Field(ge=1)] = 100
+
+
+class DomainConfig(_Section):
+    """A domain: built-in (``source: builtin``) or user data (a local or s3:// path)."""
+
+    name: Annotated[str, Field(pattern=_DOMAIN_NAME)]
+    source: str = "builtin"
+    format: Literal["auto", "parquet", "jsonl"] = "auto"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    splits: SplitSizes = Field(default_factory=SplitSizes)
+    metric: Metric = "exact_match"
+    # held out of the first training: the "new domain" of the pluggability experiment
+    reserved: bool = False
+
+    @model_validator(mode="after")
+    def _builtin_known(self) -> DomainConfig:
+        if self.source == "builtin" and self.name not in BUILTIN_DOMAINS:
+            raise ValueError(
+                f"no built-in domain named {self.name!r} (allowed: {', '.join(BUILTIN_DOMAINS)}; "
+                "or give `source:` a path to parquet/JSONL files)"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# stages
+
+
+class ScalingConfigSpec(_Section):
+    """Mirrors ray.train.ScalingConfig for one stage."""
+
+    num_workers: Annotated[int, Field(ge=1, le=4096)] = 1
+    cpus_per_worker: Annotated[float, Field(gt=0)] = 1.0
+    gpus_per_worker: Annotated[float, Field(ge=0)] = 0.0
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
+
+
+class StageConfig(_Section):
+    """One training stage; the trainers turn this into a TorchTrainer run."""
+
+    steps: Annotated[int, Field(ge=1)] = 200
+    batch_size: Annotated[int, Field(ge=1)] = 16
+    lr: Annotated[float, Field(gt=0, lt=1)] = 2e-4
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    warmup_steps: Annotated[int, Field(ge=0)] = 10
+    max_length: Annotated[int, Field(ge=16)] | None = None
+    checkpoint_every: Annotated[int, Field(ge=1)] = 50
+    max_failures: Annotated[int, Field(ge=-1)] = 2
+    seed: int = 0
+    # which domains this stage sees; None = every non-reserved domain
+    domains: list[str] | None = None
+    # router stage: share of general (universal) data mixed into the domain mix [ours]
+    general_fraction: Annotated[float, Field(ge=0, le=1)] = 0.2
+    # domain stage: how many domain experts share one Ray Train run
+    domains_per_run: Annotated[int, Field(ge=1)] = 1
+    scaling: ScalingConfigSpec = Field(default_factory=ScalingConfigSpec)
+
+    @model_validator(mode="after")
+    def _warmup(self) -> StageConfig:
+        if self.warmup_steps > self.steps:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) must be <= steps ({self.steps})"
+            )
+        return self
+
+
+def _stage(**kw: Any) -> Any:
+    return Field(default_factory=lambda: StageConfig(**kw))
+
+
+class StagesConfig(_Section):
+    pretrain: StageConfig = _stage(steps=1500, batch_size=16, lr=3e-3, warmup_steps=50)
+    universal: StageConfig = _stage(steps=200, lr=1e-3)
+    domain: StageConfig = _stage(steps=200, lr=1e-3)
+    router: StageConfig = _stage(steps=100, lr=3e-3)
+    lora: StageConfig = _stage(steps=400, lr=1e-3)
+    molora: StageConfig = _stage(steps=400, lr=1e-3)
+
+    def get(self, name: str) -> StageConfig:
+        if name not in STAGE_NAMES:
+            raise KeyError(f"unknown stage {name!r} (allowed: {', '.join(STAGE_NAMES)})")
+        return getattr(self, name)
+
+
+# --------------------------------------------------------------------------------------------
+# tune
+
+TUNABLE = (
+    "lr", "universal_rank", "domain_rank", "universal_alpha", "domain_alpha", "dropout",
+    "router_temperature", "router_top_k", "batch_size", "steps", "weight_decay",
+)
+
+
+class SearchDimension(_Section):
+    """One axis of a search space, written in YAML."""
+
+    type: Literal["loguniform", "uniform", "choice", "grid", "randint", "qloguniform"]
+    low: float | None = None
+    high: float | None = None
+    q: float | None = None
+    values: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> SearchDimension:
+        if self.type in ("choice", "grid"):
+            if not self.values:
+                raise ValueError(f"type {self.type!r} needs a non-empty `values` list")
+        else:
+            if self.low is None or self.high is None:
+                raise ValueError(f"type {self.type!r} needs `low` and `high`")
+            if self.low >= self.high:
+                raise ValueError(f"low ({self.low}) must be < high ({self.high})")
+            if self.type in ("loguniform", "qloguniform") and self.low <= 0:
+                raise ValueError(f"{self.type} needs low > 0 (got {self.low})")
+        return self
+
+
+class SchedulerSpec(_Section):
+    type: Literal["asha", "fifo"] = "asha"
+    grace_period: Annotated[int, Field(ge=1)] = 1
+    reduction_factor: Annotated[float, Field(gt=1)] = 2.0
+    max_t: Annotated[int, Field(ge=1)] | None = None
+
+
+class TuneConfig(_Section):
+    stage: str = "router"
+    num_samples: Annotated[int, Field(ge=1)] = 4
+    max_concurrent_trials: Annotated[int, Field(ge=1)] = 2
+    search_alg: Literal["random", "grid", "optuna"] = "random"
+    metric: str | None = None
+    mode: Literal["min", "max"] = "max"
+    report_every: Annotated[int, Field(ge=1)] = 10
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    space: dict[str, SearchDimension] = Field(
+        default_factory=lambda: {"lr": SearchDimension(type="loguniform", low=1e-4, high=3e-3)}
+    )
+
+    @field_validator("space")
+    @classmethod
+    def _space(cls, v: dict[str, SearchDimension]) -> dict[str, SearchDimension]:
+        unknown = sorted(set(v) - set(TUNABLE))
+        if unknown:
+            raise ValueError(f"cannot tune {unknown} (allowed: {', '.join(TUNABLE)})")
+        return v
+
+
+# --------------------------------------------------------------------------------------------
+# serve
+
+
+class AutoscalingSpec(_Section):
+    """Mirrors Ray Serve's autoscaling_config."""
+
+    min_replicas: Annotated[int, Field(ge=0)] = 1
+    max_replicas: Annotated[int, Field(ge=1)] = 1
+    initial_replicas: Annotated[int, Field(ge=0)] | None = None
+    target_ongoing_requests: Annotated[float, Field(gt=0)] = 2.0
+    upscale_delay_s: Annotated[float, Field(ge=0)] = 10.0
+    downscale_delay_s: Annotated[float, Field(ge=0)] = 60.0
+    look_back_period_s: Annotated[float, Field(gt=0)] = 10.0
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})"
+            )
+        if self.initial_replicas is not None and not (
+            self.min_replicas <= self.initial_replicas <= self.max_replicas
+        ):
+            raise ValueError(
+                f"initial_replicas ({self.initial_replicas}) must lie in "
+                f"[min_replicas, max_replicas] = [{self.min_replicas}, {self.max_replicas}]"
+            )
+        return self
+
+
+class BatchingSpec(_Section):
+    max_batch_size: Annotated[int, Field(ge=1, le=1024)] = 16
+    batch_wait_timeout_s: Annotated[float, Field(ge=0, le=10)] = 0.01
+
+
+class ReplicaResources(_Section):
+    num_cpus: Annotated[float, Field(ge=0)] = 1.0
+    num_gpus: Annotated[float, Field(ge=0)] = 0.0
+
+
+class ServeConfig(_Section):
+    app_name: str = "modula"
+    model_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")] = "modula"
+    route_prefix: Annotated[str, Field(pattern=r"^/[A-Za-z0-9._/-]*$")] = "/"
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8000
+    max_prompt_tokens: Annotated[int, Field(ge=1)] = 384
+    max_tokens_limit: Annotated[int, Field(ge=1)] = 128
+    experts_per_deployment: Annotated[int, Field(ge=1)] | None = None
+    batching: BatchingSpec = Field(default_factory=BatchingSpec)
+    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
+    router_autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
+    ingress_autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
+    resources: ReplicaResources = Field(default_factory=ReplicaResources)
+    api_keys: list[SecretStr] = Field(default_factory=list)
+    registry_poll_s: Annotated[float, Field(gt=0)] = 5.0
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _drop_empty_keys(cls, v: Any) -> Any:
+        # an unset "${MODULA_API_KEY:-}" must not become the empty (always-matching) key
+        if isinstance(v, list):
+            return [k for k in v if k not in ("", None)]
+        return v
+
+
+# --------------------------------------------------------------------------------------------
+# eval
+
+
+class EvalConfig(_Section):
+    max_examples: Annotated[int, Field(ge=1)] = 100
+    max_new_tokens: Annotated[int, Field(ge=1)] = 32
+    batch_size: Annotated[int, Field(ge=1)] = 16
+    output_dir: str = "reports"
+    seeds: list[int] = Field(default_factory=lambda: [0])
+
+
+# --------------------------------------------------------------------------------------------
+# the whole file
+
+
+def _default_domains() -> list[DomainConfig]:
+    return [
+        DomainConfig(name="general", metric="perplexity"),
+        DomainConfig(name="code", metric="perplexity"),
+        DomainConfig(name="math", metric="exact_match"),
+        DomainConfig(name="units", metric="exact_match"),
+        DomainConfig(name="headlines", metric="accuracy", reserved=True),
+    ]
+
+
+class ModulaConfig(_Section):
+    """The one config file. ``general`` is the universal stage's data, not a domain expert."""
+
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    modula: ModulaLayerConfig = Field(default_factory=ModulaLayerConfig)
+    domains: list[DomainConfig] = Field(default_factory=_default_domains)
+    stages: StagesConfig = Field(default_factory=StagesConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> ModulaConfig:
+        names = [d.name for d in self.domains]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"domains: named twice: {dup}")
+        known = set(names)
+        for stage in STAGE_NAMES:
+            sc = self.stages.get(stage)
+            for d in sc.domains or []:
+                if d not in known:
+                    raise ValueError(
+                        f"stages.{stage}.domains: unknown domain {d!r} "
+                        f"(allowed: {', '.join(names) or 'none defined'})"
+                    )
+        if not self.expert_domains():
+            raise ValueError(
+                "domains: no domain expert to train (every domain is 'general' or reserved)"
+            )
+        top_k = self.modula.router.top_k
+        n_experts = len(self.expert_domains(include_reserved=True)) + (
+            1 if self.modula.variant == "flan" else 0
+        )
+        if top_k is not None and top_k > n_experts:
+            raise ValueError(
+                f"modula.router.top_k: {top_k} is more than the number of experts ({n_experts})"
+            )
+        if self.tune.stage not in TUNE_STAGES and not (
+            self.tune.stage.startswith("domain:") and self.tune.stage[7:] in known
+        ):
+            raise ValueError(
+                f"tune.stage: {self.tune.stage!r} is not a stage (allowed: "
+                f"{', '.join(TUNE_STAGES)}, domain:<one of {', '.join(names)}>)"
+            )
+        if self.serve.max_prompt_tokens + self.serve.max_tokens_limit > self.model.max_length * 4:
+            raise ValueError(
+                f"serve.max_prompt_tokens: {self.serve.max_prompt_tokens} prompt + "
+                f"{self.serve.max_tokens_limit} new tokens is more than 4x model.max_length "
+                f"({self.model.max_length})"
+            )
+        return self
+
+    def expert_domains(self, include_reserved: bool = False) -> list[str]:
+        """Domains that get a domain expert, in router order."""
+        return [
+            d.name for d in self.domains
+            if d.name != "general" and (include_reserved or not d.reserved)
+        ]
+
+    def domain(self, name: str) -> DomainConfig:
+        for d in self.domains:
+            if d.name == name:
+                return d
+        raise KeyError(
+            f"unknown domain {name!r} (allowed: {', '.join(d.name for d in self.domains)})"
+        )
+
+
+TUNE_STAGES = ("universal", "router", "lora", "molora")
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+
+class ConfigError(Exception):
+    """A config that does not validate; ``problems`` holds one readable line per problem."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = problems
+        self.source = source
+        head = f"invalid config{f' {source}' if source else ''}"
+        super().__init__(head + ":\n" + "\n".join(f"  {p}" for p in problems))
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _interpolate(node: Any, path: str, problems: list[str]) -> Any:
+    if isinstance(node, dict):
+        return {k: _interpolate(v, f"{path}.{k}" if path else str(k), problems) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate(v, f"{path}.{i}", problems) for i, v in enumerate(node)]
+    if isinstance(node, str):
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            val = os.environ.get(name)
+            if val is None:
+                if default is not None:
+                    return default
+                problems.append(f"{path}: environment variable ${{{name}}} is not set")
+                return ""
+            return val
+
+        whole = _ENV.fullmatch(node)
+        out = _ENV.sub(sub, node)
+        # a value that is only "${VAR}" is re-read as YAML so numbers and booleans keep their type
+        if whole and out:
+            try:
+                parsed = yaml.safe_load(out)
+            except yaml.YAMLError:
+                return out
+            return parsed if isinstance(parsed, (int, float, bool)) else out
+        return out
+    return node
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key given twice in one mapping (YAML would keep the last)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is given twice", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping
+)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError([f"--set {item!r}: expected key.path=value"])
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError([f"--set {item!r}: empty key"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to a raw mapping. List items are named by index or ``name``."""
+    for item in overrides:
+        parts, value = _parse_override(item)
+        if parts[0] == "domains" and "domains" not in raw and len(parts) > 1:
+            # overriding one domain of the default list: start from that list
+            raw["domains"] = [d.model_dump() for d in _default_domains()]
+        node: Any = raw
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            where = ".".join(parts[: i + 1])
+            if isinstance(node, list):
+                idx = _list_index(node, part)
+                if idx is None:
+                    if part.isdigit() and int(part) == len(node) and last:
+                        node.append(value)
+                        break
+                    if not part.isdigit() and not last:
+                        node.append({"name": part})
+                        idx = len(node) - 1
+                    else:
+                        raise ConfigError(
+                            [f"--set {item!r}: {where}: no list item with index or name {part!r}"]
+                        )
+                if last:
+                    node[idx] = value
+                else:
+                    node = node[idx]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    if node.get(part) is None:
+                        node[part] = {}
+                    node = node[part]
+            else:
+                raise ConfigError([f"--set {item!r}: {where} is a value, not a section"])
+    return raw
+
+
+def _list_index(items: list[Any], part: str) -> int | None:
+    if part.isdigit():
+        i = int(part)
+        return i if i < len(items) else None
+    for i, it in enumerate(items):
+        if isinstance(it, dict) and it.get("name") == part:
+            return i
+    return None
+
+
+def _field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
+    """The allowed field names at `loc` (the parent of an extra key), for error messages."""
+    cur: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(cur, type) and issubclass(cur, BaseModel)):
+            return None
+        f = cur.model_fields.get(part)
+        if f is None:
+            return None
+        cur = _unwrap(f.annotation)
+    if isinstance(cur, type) and issubclass(cur, BaseModel):
+        return list(cur.model_fields)
+    return None
+
+
+def _unwrap(tp: Any) -> Any:
+    for arg in (typing.get_args(tp) or ()):
+        inner = _unwrap(arg)
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            return inner
+    return tp
+
+
+def _format_errors(exc: ValidationError) -> list[str]:
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        if err["type"] == "extra_forbidden":
+            allowed = _field_names(ModulaConfig, loc[:-1])
+            msg = "unknown field" + (f" (allowed: {', '.join(allowed)})" if allowed else "")
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        elif err["type"] == "string_pattern_mismatch":
+            msg = f"{err.get('input')!r} does not match the pattern {err['ctx']['pattern']}"
+        elif "input" in err and err["type"] not in ("value_error", "assertion_error"):
+            shown = err["input"]
+            if isinstance(shown, (dict, list)):
+                shown = type(shown).__name__
+            msg = f"{msg} (got {shown!r})"
+        # a whole-file check names its own field path ("domains: ...")
+        if loc == () and re.match(r"^[a-z_]+(\.[A-Za-z0-9_:-]+)*: ", msg) and (
+            msg.split(".", 1)[0].split(":", 1)[0] in ModulaConfig.model_fields
+        ):
+            lines.append(msg)
+        else:
+            lines.append(f"{path}: {msg}")
+    return lines
+
+
+
+
+def config_from_dict(raw: dict[str, Any] | None, overrides: list[str] | None = None,
+                     source: str | None = None) -> ModulaConfig:
+    """Validate a raw mapping (after env interpolation and overrides) into a ModulaConfig."""
+    raw = dict(raw or {})
+    problems: list[str] = []
+    raw = _interpolate(raw, "", problems)
+    if problems:
+        raise ConfigError(problems, source)
+    if overrides:
+        raw = apply_overrides(raw, list(overrides))
+    try:
+        return ModulaConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc), source) from None
+
+
+def load_config(path: str | os.PathLike[str] | None = None,
+                overrides: list[str] | None = None) -> ModulaConfig:
+    """Read a YAML config file (default: the embedded default) and validate it."""
+    if path is None and not DEFAULT_CONFIG_PATH.exists():
+        return config_from_dict({}, overrides, source="(embedded default)")
+    p = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    if not p.exists():
+        raise ConfigError([f"config file {str(p)!r} does not exist"], str(p))
+    try:
+        raw = yaml.load(p.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError([f"YAML syntax error{where}: {problem}"], str(p)) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            [f"(top level): expected a mapping of sections, got {type(raw).__name__}"], str(p)
+        )
+    return config_from_dict(raw, overrides, source=str(p))
+
+
+def redacted_dict(cfg: ModulaConfig) -> dict[str, Any]:
+    """The resolved config as plain data, secrets shown as '**********'."""
+    return cfg.model_dump(mode="json")

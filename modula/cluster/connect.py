@@ -1,0 +1,70 @@
+"""Connecting to Ray from the config: one helper that every command uses."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from modula.cluster.config import ClusterConfig
+
+# Local Ray on a laptop: no token auth (Ray >= 2.59 turns it on by default), no usage stats.
+_LOCAL_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def ray_init_kwargs(cluster: ClusterConfig) -> dict[str, Any]:
+    """The arguments of ``ray.init`` for this cluster section."""
+    kw: dict[str, Any] = {"namespace": cluster.namespace, "log_to_driver": True}
+    if cluster.runtime_env:
+        kw["runtime_env"] = cluster.runtime_env
+    if cluster.is_local:
+        kw.update(
+            num_cpus=cluster.num_cpus,
+            num_gpus=cluster.num_gpus,
+            include_dashboard=cluster.dashboard,
+            dashboard_host="127.0.0.1",
+            dashboard_port=cluster.dashboard_port,
+        )
+        if cluster.resources:
+            kw["resources"] = dict(cluster.resources)
+        if cluster.object_store_memory_mb:
+            kw["object_store_memory"] = cluster.object_store_memory_mb * 1024 * 1024
+    else:
+        kw["address"] = cluster.address
+    return kw
+
+
+def connect(cluster: ClusterConfig) -> dict[str, float]:
+    """Start (``local``) or join (any other address) Ray; returns the cluster's resources.
+
+    Reuses a connection that is already up, so a command run inside a Ray job (where the job's
+    driver is already connected) does not start a second cluster.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return ray.cluster_resources()
+    if cluster.is_local:
+        for k, v in _LOCAL_ENV.items():
+            os.environ.setdefault(k, v)
+    # inside `ray job submit`, RAY_ADDRESS points at the cluster the job runs on
+    if cluster.is_local and os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], namespace=cluster.namespace)
+    else:
+        ray.init(**ray_init_kwargs(cluster))
+    return ray.cluster_resources()
+
+
+@contextlib.contextmanager
+def ray_session(cluster: ClusterConfig) -> Iterator[dict[str, float]]:
+    """``connect`` for the length of a block; shuts Ray down only if this block started it."""
+    import ray
+
+    started = not ray.is_initialized()
+    resources = connect(cluster)
+    try:
+        yield resources
+    finally:
+        if started:
+            ray.shutdown()
