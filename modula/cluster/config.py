@@ -376,6 +376,8 @@ class DomainConfig(_Section):
     metric: Metric = "exact_match"
     # held out of the first training: the "new domain" of the pluggability experiment
     reserved: bool = False
+    # seeds the deterministic build of the splits (built-in generators and the split deal)
+    seed: int = 0
 
     @model_validator(mode="after")
     def _builtin_known(self) -> DomainConfig:
@@ -525,7 +527,7 @@ class AutoscalingSpec(_Section):
     target_ongoing_requests: Annotated[float, Field(gt=0)] = 2.0
     upscale_delay_s: Annotated[float, Field(ge=0)] = 10.0
     downscale_delay_s: Annotated[float, Field(ge=0)] = 60.0
-    look_back_period_s: Annotated[float, Field(gt=0)] = 10.0
+    look_back_period_s: Annotated[float, Field(gt=0)] = 30.0
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingSpec:
@@ -569,6 +571,12 @@ class ServeConfig(_Section):
     resources: ReplicaResources = Field(default_factory=ReplicaResources)
     api_keys: list[SecretStr] = Field(default_factory=list)
     registry_poll_s: Annotated[float, Field(gt=0)] = 5.0
+    # the registry model whose latest version is served; None = `model_name`
+    registry_model: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")] | None = None
+    # serve the bare base model, no experts and no registry (a baseline; the serving benchmark)
+    base_only: bool = False
+    # a request body larger than this is refused with 413
+    max_request_bytes: Annotated[int, Field(ge=1024)] = 1_048_576
 
     @field_validator("api_keys", mode="before")
     @classmethod
