@@ -149,6 +149,8 @@ def _print_resources(cfg: ModulaConfig, resources: dict[str, float]) -> None:
 # Subcommands that live with the code they drive; each module has register(app).
 COMMAND_MODULES = (
     "modula.demo",
+    "modula.infra.commands",
+    "modula.cluster.commands",
 )
 
 

@@ -57,3 +57,58 @@ def ray_local():
 @pytest.fixture()
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+# --------------------------------------------------------------------------------------------
+# S3 on loopback: moto's standalone server in a thread, spoken to over HTTP by boto3 and pyarrow
+# (RAY_NOTES.md). One server per session; every test gets a fresh bucket and prefix.
+
+S3_TEST_ACCESS_KEY = "AKIAMODULATESTKEY01"
+S3_TEST_SECRET_KEY = "modula-test-secret-0123456789abcdef"
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """The endpoint URL (``http://127.0.0.1:PORT``) of an S3-compatible server on loopback."""
+    from moto.server import ThreadedMotoServer
+
+    with pytest.MonkeyPatch.context() as mp:
+        # dummy credentials for this process (and what it starts); no user AWS config is read
+        mp.setenv("AWS_ACCESS_KEY_ID", S3_TEST_ACCESS_KEY)
+        mp.setenv("AWS_SECRET_ACCESS_KEY", S3_TEST_SECRET_KEY)
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        mp.setenv("AWS_CONFIG_FILE", os.devnull)
+        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        try:
+            yield f"http://{host}:{port}"
+        finally:
+            server.stop()
+
+
+def s3_storage_config(endpoint: str, bucket: str | None = None, prefix: str | None = None,
+                      credentials: bool = True):
+    """A StorageConfig for `bucket`/`prefix` (fresh random names by default) on `endpoint`."""
+    import uuid
+
+    from modula.cluster.config import StorageConfig
+
+    bucket = bucket or f"modula-test-{uuid.uuid4().hex[:12]}"
+    prefix = prefix if prefix is not None else f"p-{uuid.uuid4().hex[:8]}"
+    root = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+    creds = {"access_key_id": S3_TEST_ACCESS_KEY,
+             "secret_access_key": S3_TEST_SECRET_KEY} if credentials else {}
+    return StorageConfig(root=root, endpoint=endpoint, region="us-east-1", **creds)
+
+
+@pytest.fixture()
+def s3_storage(s3_server):
+    """A Storage on a fresh, created bucket + prefix of the session's S3 server."""
+    from modula.infra.storage import Storage
+
+    storage = Storage(s3_storage_config(s3_server))
+    storage.ensure_bucket()
+    return storage

@@ -45,14 +45,19 @@ def connect(cluster: ClusterConfig) -> dict[str, float]:
 
     if ray.is_initialized():
         return ray.cluster_resources()
+    # inside a Ray job (`modula submit`), RAY_ADDRESS names the cluster the job runs on
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], namespace=cluster.namespace)
+        return ray.cluster_resources()
+    if cluster.address.startswith(("http://", "https://")):
+        raise ConnectionError(
+            f"cluster.address {cluster.address!r} is the Jobs API of a cluster: run this command "
+            "there with `modula submit`, or set cluster.address to ray://HOST:10001 or HOST:6379"
+        )
     if cluster.is_local:
         for k, v in _LOCAL_ENV.items():
             os.environ.setdefault(k, v)
-    # inside `ray job submit`, RAY_ADDRESS points at the cluster the job runs on
-    if cluster.is_local and os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], namespace=cluster.namespace)
-    else:
-        ray.init(**ray_init_kwargs(cluster))
+    ray.init(**ray_init_kwargs(cluster))
     return ray.cluster_resources()
 
 

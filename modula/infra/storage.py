@@ -8,6 +8,8 @@ environment and are never logged or put in ``repr``.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -22,6 +24,47 @@ __all__ = ["Storage", "StorageError"]
 
 class StorageError(OSError):
     """A storage operation failed; the message names the key and the root."""
+
+
+_MISSING = ("404", "NoSuchKey", "NotFound")
+
+
+def _error_code(exc: Exception) -> str:
+    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+
+
+def _skip_local(name: str) -> bool:
+    """Temporary and lock files of the local backend are not objects."""
+    return name.endswith(".tmp") or (name.startswith(".") and name.endswith(".lock"))
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (flock) on a sidecar file, for local compare-and-swap."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _write_tmp(p: Path, data: bytes) -> str:
+    """Write `data` to a fresh temporary file beside `p` (fsynced); returns its path."""
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return tmp
 
 
 def _clean_key(key: str) -> str:
@@ -134,8 +177,22 @@ class Storage:
 
         try:
             self.client.head_bucket(Bucket=self.bucket)
-        except ClientError:
-            self.client.create_bucket(Bucket=self.bucket)
+            return
+        except ClientError as exc:
+            if _error_code(exc) not in (*_MISSING, "NoSuchBucket"):
+                raise StorageError(
+                    f"cannot use bucket s3://{self.bucket}: {_error_code(exc)}"
+                ) from None
+        kw: dict[str, Any] = {"Bucket": self.bucket}
+        if self.cfg.region and self.cfg.region != "us-east-1":
+            kw["CreateBucketConfiguration"] = {"LocationConstraint": self.cfg.region}
+        try:
+            self.client.create_bucket(**kw)
+        except ClientError as exc:
+            if _error_code(exc) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise StorageError(
+                    f"cannot create bucket s3://{self.bucket}: {_error_code(exc)}"
+                ) from None
 
     def exists(self, key: str) -> bool:
         if not self.is_s3:
@@ -146,9 +203,27 @@ class Storage:
             self.client.head_object(Bucket=self.bucket, Key=self._s3_key(key))
             return True
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if _error_code(exc) in _MISSING:
                 return False
-            raise StorageError(f"cannot stat {self.uri(key)}: {exc}") from None
+            raise StorageError(f"cannot stat {self.uri(key)}: {_error_code(exc)}") from None
+
+    def size(self, key: str) -> int:
+        """The size in bytes of an object; FileNotFoundError if it does not exist."""
+        if not self.is_s3:
+            p = Path(self.uri(key))
+            if not p.is_file():
+                raise FileNotFoundError(f"{p} does not exist")
+            return p.stat().st_size
+        from botocore.exceptions import ClientError
+
+        try:
+            return int(
+                self.client.head_object(Bucket=self.bucket, Key=self._s3_key(key))["ContentLength"]
+            )
+        except ClientError as exc:
+            if _error_code(exc) in _MISSING:
+                raise FileNotFoundError(f"{self.uri(key)} does not exist") from None
+            raise StorageError(f"cannot stat {self.uri(key)}: {_error_code(exc)}") from None
 
     def read_bytes(self, key: str) -> bytes:
         if not self.is_s3:
@@ -176,19 +251,102 @@ class Storage:
         """
         if not self.is_s3:
             p = Path(self.uri(key))
-            p.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+            tmp = _write_tmp(p, data)
             try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
                 os.replace(tmp, p)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
             return
-        self.client.put_object(Bucket=self.bucket, Key=self._s3_key(key), Body=data)
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._s3_key(key), Body=data)
+        except ClientError as exc:
+            raise StorageError(f"cannot write {self.uri(key)}: {_error_code(exc)}") from None
+
+    # ------------------------------------------------------- conditional writes
+
+    def create_bytes(self, key: str, data: bytes) -> bool:
+        """Write an object only if `key` does not exist yet; False if it already did.
+
+        The check and the write are one atomic step: of several writers racing for one key,
+        exactly one gets True. Locally a hard link of a complete temporary file; on S3 a
+        conditional PUT (``If-None-Match: *``).
+        """
+        if not self.is_s3:
+            p = Path(self.uri(key))
+            tmp = _write_tmp(p, data)
+            try:
+                os.link(tmp, p)
+                return True
+            except FileExistsError:
+                return False
+            except OSError:  # no hard links here (some network/FUSE filesystems)
+                try:
+                    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                except FileExistsError:
+                    return False
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                return True
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+        return self._put_if(key, data, IfNoneMatch="*")
+
+    def read_bytes_tagged(self, key: str) -> tuple[bytes, str]:
+        """An object's content and a tag of that content, for :meth:`replace_bytes`."""
+        if not self.is_s3:
+            data = self.read_bytes(key)
+            return data, hashlib.sha256(data).hexdigest()
+        from botocore.exceptions import ClientError
+
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=self._s3_key(key))
+            return resp["Body"].read(), str(resp["ETag"])
+        except ClientError as exc:
+            if _error_code(exc) in _MISSING:
+                raise FileNotFoundError(f"{self.uri(key)} does not exist") from None
+            raise StorageError(f"cannot read {self.uri(key)}: {_error_code(exc)}") from None
+
+    def replace_bytes(self, key: str, data: bytes, expected_tag: str | None) -> bool:
+        """Compare-and-swap: write only if the object still has `expected_tag`.
+
+        `expected_tag` comes from :meth:`read_bytes_tagged`; None means "only if the object
+        does not exist". Returns False when another writer got there first. Locally an
+        exclusive ``flock`` around read-compare-rename; on S3 a conditional PUT (``If-Match``).
+        """
+        if expected_tag is None:
+            return self.create_bytes(key, data)
+        if not self.is_s3:
+            p = Path(self.uri(key))
+            with _file_lock(p.with_name(f".{p.name}.lock")):
+                try:
+                    _, tag = self.read_bytes_tagged(key)
+                except FileNotFoundError:
+                    return False
+                if tag != expected_tag:
+                    return False
+                self.write_bytes(key, data)
+                return True
+        return self._put_if(key, data, IfMatch=expected_tag)
+
+    def _put_if(self, key: str, data: bytes, **cond: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._s3_key(key), Body=data, **cond)
+            return True
+        except ClientError as exc:
+            code = _error_code(exc)
+            # 412: the condition failed; 409: a concurrent conditional write won; 404: the
+            # object named by If-Match is gone
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409",
+                        *_MISSING):
+                return False
+            raise StorageError(f"cannot write {self.uri(key)}: {code}") from None
 
     def write_text(self, key: str, text: str) -> None:
         self.write_bytes(key, text.encode("utf-8"))
@@ -214,7 +372,7 @@ class Storage:
                 return
             assert self.local_root is not None
             for p in base.rglob("*"):
-                if p.is_file() and not p.name.endswith(".tmp"):
+                if p.is_file() and not _skip_local(p.name):
                     yield p.relative_to(self.local_root).as_posix()
             return
         full = self._s3_key(prefix)
@@ -224,7 +382,8 @@ class Storage:
         paginator = self.client.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
             for obj in page.get("Contents", []):
-                yield obj["Key"][len(strip):]
+                if not obj["Key"].endswith("/"):  # "folder" marker objects
+                    yield obj["Key"][len(strip):]
 
     def list_dirs(self, prefix: str = "") -> list[str]:
         """Names of the immediate sub-folders of `prefix`."""
@@ -259,11 +418,42 @@ class Storage:
             dest = Path(self.uri(key))
             dest.parent.mkdir(parents=True, exist_ok=True)
             if Path(local).resolve() != dest.resolve():
-                tmp = dest.with_name(f".{dest.name}.tmp")
-                shutil.copyfile(local, tmp)
-                os.replace(tmp, dest)
+                # a private temporary name: concurrent uploads of one key must not share it
+                fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+                os.close(fd)
+                try:
+                    shutil.copyfile(local, tmp)
+                    os.replace(tmp, dest)
+                except BaseException:
+                    Path(tmp).unlink(missing_ok=True)
+                    raise
             return
-        self.client.upload_file(str(local), self.bucket, self._s3_key(key))
+        from boto3.exceptions import S3UploadFailedError
+
+        try:
+            self.client.upload_file(str(local), self.bucket, self._s3_key(key))
+        except S3UploadFailedError as exc:
+            raise StorageError(f"cannot upload to {self.uri(key)}: {exc}") from None
+
+    def download_file(self, key: str, local: str | os.PathLike[str]) -> Path:
+        """Copy one object to a local file (FileNotFoundError if it does not exist)."""
+        out = Path(local)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if not self.is_s3:
+            src = Path(self.uri(key))
+            if not src.is_file():
+                raise FileNotFoundError(f"{src} does not exist")
+            shutil.copyfile(src, out)
+            return out
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.download_file(self.bucket, self._s3_key(key), str(out))
+        except ClientError as exc:
+            if _error_code(exc) in _MISSING:
+                raise FileNotFoundError(f"{self.uri(key)} does not exist") from None
+            raise StorageError(f"cannot read {self.uri(key)}: {_error_code(exc)}") from None
+        return out
 
     def download_dir(self, key: str, local_dir: str | os.PathLike[str]) -> Path:
         """Copy every object under `key` into a local folder; returns that folder."""
@@ -277,10 +467,7 @@ class Storage:
             rel = k[len(base):].lstrip("/") if base else k
             out = dest / rel
             out.parent.mkdir(parents=True, exist_ok=True)
-            if self.is_s3:
-                self.client.download_file(self.bucket, self._s3_key(k), str(out))
-            else:
-                shutil.copyfile(self.uri(k), out)
+            self.download_file(k, out)
         return dest
 
     def local_dir(self, key: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
