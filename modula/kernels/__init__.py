@@ -1,1 +1,26 @@
-"""The expert mixture of an adapted layer: a readable reference loop (the test oracle), the stacked two-GEMM form (CPU default) and fused Triton kernels (GPU). Knows nothing of Ray or HF."""
+"""The mixture-of-LoRA ops of one adapted layer, independent of HF models and of Ray.
+
+``expert_mixture`` is the single entry point; ``backend`` picks ``reference`` (the loop, the
+test oracle), ``stacked`` (torch, the CPU default) or ``triton`` (fused kernels, the CUDA
+default); ``auto`` chooses by device.
+"""
+
+from .mixture import (
+    BACKENDS,
+    ExpertStack,
+    Residual,
+    expert_mixture,
+    resolve_backend,
+    stack_experts,
+    triton_available,
+)
+
+__all__ = [
+    "BACKENDS",
+    "ExpertStack",
+    "Residual",
+    "expert_mixture",
+    "resolve_backend",
+    "stack_experts",
+    "triton_available",
+]

@@ -1,0 +1,409 @@
+"""``attach_modula`` and ``ModulaModel``: MoDULA on any HF causal LM, with stages and domains.
+
+The base model is modified in place (its target linear layers become ``ModulaLinear``) and
+frozen; ``ModulaModel`` wraps it, passes ``forward``/``generate`` through, and is where the
+trainers switch stages, serving pins domains and reads gates, and files load experts.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from modula.cluster.config import ModulaLayerConfig
+
+from .layer import UNIVERSAL, LayerState, ModulaLinear
+from .targets import default_targets, find_targets
+
+__all__ = ["ModulaModel", "attach_modula", "mean_gate_per_expert", "STAGES"]
+
+STAGES = ("universal", "domain:<name>", "router", "joint")
+_DOMAIN_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+_RESERVED = {"universal", "routers", "router"}
+
+
+def _check_domain_name(name: str) -> None:
+    if not isinstance(name, str) or not _DOMAIN_NAME.match(name) or name in _RESERVED:
+        raise ValueError(
+            f"invalid domain name {name!r}: 1-32 chars of a-z, 0-9, '_' or '-', starting with a "
+            f"letter, and not one of {sorted(_RESERVED)}"
+        )
+
+
+def attach_modula(
+    model: nn.Module,
+    cfg: ModulaLayerConfig,
+    domains: list[str],
+    *,
+    adapter_dtype: torch.dtype | None = None,
+) -> ModulaModel:
+    """Turn a HF causal LM into a MoDULA model (in place) and return the wrapper.
+
+    Why a function: the trainers, serving and eval all build the same structure from the one
+    config section. ``domains`` are the domain experts in router order (empty for ``lora``).
+    ``adapter_dtype`` defaults to the base weights' dtype.
+    """
+    return ModulaModel(model, cfg, domains, adapter_dtype=adapter_dtype)
+
+
+class ModulaModel(nn.Module):
+    """A frozen HF causal LM with MoDULA layers. ``forward``/``generate`` take the HF arguments
+    plus ``expert_ids`` (per batch row: a domain index, or -1 to follow the router / the forced
+    domain), which lets one forward serve requests pinned to different domains.
+
+    The stage, the forced domain and gate capture are model-wide settings; ``expert_ids`` holds
+    for one call. One forward at a time per model (a serving replica batches requests into one
+    forward); activation checkpointing recomputes layers outside the call, so use
+    ``expert_ids`` for inference, ``force_domain``/stages for training."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: ModulaLayerConfig,
+        domains: list[str],
+        *,
+        adapter_dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        if isinstance(model, ModulaModel) or any(isinstance(m, ModulaLinear) for m in model.modules()):
+            raise ValueError("this model already has MoDULA layers")
+        domains = list(domains)
+        for d in domains:
+            _check_domain_name(d)
+        if len(set(domains)) != len(domains):
+            raise ValueError(f"domains named twice: {sorted({d for d in domains if domains.count(d) > 1})}")
+        if cfg.variant == "lora" and domains:
+            raise ValueError("variant 'lora' has one adapter and no domain experts; pass domains=[]")
+        if cfg.variant == "molora" and not domains:
+            raise ValueError("variant 'molora' needs at least one domain expert")
+        self.base_model = model
+        self.modula_config = cfg.model_copy(deep=True)
+        self.target_modules = list(cfg.target_modules or default_targets(model))
+        self._state = LayerState(backend=cfg.kernel)
+        self._domains = domains
+        self._forced: str | None = None
+        self._stage: str | None = None
+        self._captured: dict[str, list[Tensor]] | None = None
+        self._requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
+        paths = find_targets(model, self.target_modules)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for path in paths:
+            parent_name, _, child = path.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            base = getattr(parent, child)
+            setattr(
+                parent,
+                child,
+                ModulaLinear(base, cfg, domains, self._state, path, dtype=adapter_dtype),
+            )
+        self._layer_paths = paths
+        self.set_stage(None)
+
+    # ---- structure ---------------------------------------------------------------------
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    @property
+    def variant(self) -> str:
+        return self.modula_config.variant
+
+    @property
+    def domains(self) -> list[str]:
+        """Domain experts in router order."""
+        return list(self._domains)
+
+    @property
+    def expert_names(self) -> list[str]:
+        """Names of the gate columns: Flan mixes the universal expert first."""
+        if self.variant == "lora":
+            return []
+        return (["universal"] if self.variant == "flan" else []) + self.domains
+
+    def modula_layers(self) -> dict[str, ModulaLinear]:
+        """The adapted layers by their dotted path in the base model."""
+        return {p: self.base_model.get_submodule(p) for p in self._layer_paths}
+
+    @property
+    def kernel_backend(self) -> str:
+        return self._state.backend
+
+    @kernel_backend.setter
+    def kernel_backend(self, backend: str) -> None:
+        from modula.kernels import BACKENDS
+
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown kernel backend {backend!r} (allowed: {', '.join(BACKENDS)})")
+        self._state.backend = backend
+
+    # ---- stages ------------------------------------------------------------------------
+
+    @property
+    def stage(self) -> str | None:
+        return self._stage
+
+    def _allowed_stages(self) -> list[str]:
+        return {
+            "lora": ["universal", "joint"],
+            "molora": ["router", "joint"],
+            "flan": ["universal", "domain:<name>", "router", "joint"],
+            "res": ["universal", "domain:<name>", "router", "joint"],
+        }[self.variant]
+
+    def set_stage(self, stage: str | None) -> None:
+        """Make exactly the stage's parameters trainable and put the right experts in the path.
+
+        - ``universal``: only E* trains and only E* is in the path (``y = W0 x + s B* A* x``);
+        - ``domain:<name>``: only that expert trains, alone in the path (Flan/MoLoRA:
+          ``W0 x + s B_i A_i x``; Res: ``W0 x + h + s B_i LeakyReLU(A_i h)``, gate fixed at 1);
+        - ``router``: only the routers train, the full mixture runs;
+        - ``joint``: every adapter trains together (the LoRA and MoLoRA baselines);
+        - ``None``: nothing trains, the full mixture runs (inference).
+        """
+        path, path_domain = "routed", None
+        if stage is None:
+            trainable = []
+        else:
+            kind = stage.split(":", 1)[0] + (":<name>" if stage.startswith("domain:") else "")
+            allowed = self._allowed_stages()
+            if kind not in allowed:
+                raise ValueError(
+                    f"stage {stage!r} does not apply to variant {self.variant!r} "
+                    f"(allowed: {', '.join(allowed)}, or None for inference)"
+                )
+            layers = list(self.modula_layers().values())
+            if stage == "universal":
+                trainable = [lyr.universal for lyr in layers]
+                path = "universal"
+            elif stage.startswith("domain:"):
+                name = stage[len("domain:"):]
+                if name not in self._domains:
+                    raise ValueError(
+                        f"stage {stage!r}: unknown domain {name!r} (domains: {', '.join(self._domains) or 'none'})"
+                    )
+                trainable = [lyr.experts[name] for lyr in layers]
+                path, path_domain = "domain", self._domains.index(name)
+            elif stage == "router":
+                trainable = [lyr.router for lyr in layers]
+            else:  # joint
+                trainable = [m for lyr in layers for m in (lyr.universal, lyr.router, *lyr.experts.values()) if m is not None]
+        for p in self.parameters():
+            p.requires_grad_(False)
+        for module in trainable:
+            for p in module.parameters():
+                p.requires_grad_(True)
+        self._stage = stage
+        self._state.path = path
+        self._state.path_domain = path_domain
+
+    def trainable_parameter_count(self) -> int:
+        """Parameters that the current stage trains (the cost accounting of a run)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def expert_parameters(self, name: str) -> list[nn.Parameter]:
+        """All tensors of one expert (``universal``, a domain, or ``routers``) over the layers."""
+        out: list[nn.Parameter] = []
+        for lyr in self.modula_layers().values():
+            if name == "routers":
+                if lyr.router is None:
+                    raise KeyError(f"variant {self.variant!r} has no routers")
+                out.append(lyr.router.weight)
+            else:
+                e = lyr.expert_module(name)
+                out += [e.A, e.B]
+        return out
+
+    # ---- domains -----------------------------------------------------------------------
+
+    def add_domain(self, name: str) -> None:
+        """Add a domain expert (B = 0, so outputs do not move until it is trained); every
+        router grows a zero row. Existing experts are untouched. Rebuild the optimiser after."""
+        if self.variant == "lora":
+            raise ValueError("variant 'lora' has no domain experts")
+        _check_domain_name(name)
+        if name in self._domains:
+            raise ValueError(f"domain {name!r} already exists")
+        for lyr in self.modula_layers().values():
+            lyr.add_expert(name)
+        self._domains.append(name)
+        self._sync()
+
+    def remove_domain(self, name: str) -> None:
+        """Remove a domain expert and its router row from every layer."""
+        if name not in self._domains:
+            raise ValueError(f"unknown domain {name!r} (domains: {', '.join(self._domains) or 'none'})")
+        if self.variant == "molora" and len(self._domains) == 1:
+            raise ValueError("variant 'molora' needs at least one domain expert")
+        for lyr in self.modula_layers().values():
+            lyr.remove_expert(name)
+        self._domains.remove(name)
+        if self._forced == name:
+            self._forced = None
+        if self._stage == f"domain:{name}":
+            self._stage = None
+        self._sync()
+
+    def _sync(self) -> None:
+        self.set_stage(self._stage)
+        self.force_domain(self._forced)
+
+    def force_domain(self, name: str | None) -> None:
+        """Pin every request to one domain (one-hot gates), ``"universal"`` for the universal
+        expert alone, or ``None`` to route by the gates again."""
+        if name is None:
+            index = None
+        elif name == "universal":
+            if self.variant in ("molora",):
+                raise ValueError("variant 'molora' has no universal expert")
+            index = UNIVERSAL
+        elif name in self._domains:
+            index = self._domains.index(name)
+        else:
+            raise ValueError(
+                f"unknown domain {name!r} (allowed: {', '.join(self._domains + ['universal'])}, None)"
+            )
+        self._forced = name
+        self._state.forced = index
+
+    @property
+    def forced_domain(self) -> str | None:
+        return self._forced
+
+    # ---- forward -----------------------------------------------------------------------
+
+    @contextmanager
+    def _call(self, expert_ids: Tensor | list[int] | None) -> Iterator[None]:
+        st = self._state
+        if expert_ids is None:
+            yield
+            return
+        ids = torch.as_tensor(expert_ids, dtype=torch.long)
+        if ids.dim() != 1:
+            raise ValueError(f"expert_ids must be 1-D (one id per batch row), got shape {tuple(ids.shape)}")
+        cpu = ids.cpu()
+        n = len(self._domains)
+        if bool(((cpu < -1) | (cpu >= n)).any()):
+            raise ValueError(f"expert_ids must lie in [-1, {n - 1}] (-1 = routed; domains: {self._domains})")
+        if self.variant == "lora":
+            yield
+            return
+        forced = st.forced
+        all_pinned = bool((cpu >= 0).all()) or (
+            forced is not None and (forced >= 0 or self.variant == "flan")
+        )
+        st.row_ids, st.rows_all_pinned = ids, all_pinned
+        try:
+            yield
+        finally:
+            st.row_ids, st.rows_all_pinned = None, False
+
+    def forward(self, *args, expert_ids: Tensor | list[int] | None = None, **kwargs):
+        """The HF model's forward; ``expert_ids`` pins rows of this batch to domains."""
+        with self._call(expert_ids):
+            return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, expert_ids: Tensor | list[int] | None = None, **kwargs):
+        """HF ``generate`` with the MoDULA layers (and ``expert_ids`` pins) in place."""
+        with self._call(expert_ids):
+            return self.base_model.generate(*args, **kwargs)
+
+    @contextmanager
+    def disable_adapters(self) -> Iterator[None]:
+        """Run the bare base model (for comparisons against the base)."""
+        before = self._state.disabled
+        self._state.disabled = True
+        try:
+            yield
+        finally:
+            self._state.disabled = before
+
+    # ---- gates -------------------------------------------------------------------------
+
+    @contextmanager
+    def capture_gates(self) -> Iterator[ModulaModel]:
+        """Record every layer's gates during the forwards (or generation) in this block.
+        Costs a detached (batch, seq, n_experts) tensor per layer per forward."""
+        self._state.capture = {}
+        self._captured = self._state.capture
+        try:
+            yield self
+        finally:
+            self._state.capture = None
+
+    def gate_weights(self) -> dict[str, Tensor]:
+        """Per layer path: the gates (batch, seq, n_experts) of the captured forward(s), the
+        weights each expert actually got (after top-k, pins, stage). Generation steps are
+        concatenated along seq. Columns follow ``expert_names``."""
+        if self._captured is None:
+            raise RuntimeError("no gates captured: run the forward inside `with model.capture_gates():`")
+        out = {}
+        for name, parts in self._captured.items():
+            try:
+                out[name] = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+            except RuntimeError as exc:
+                raise ValueError(
+                    "captured forwards have different batch sizes; capture one forward "
+                    "(or one generate call) per `capture_gates()` block"
+                ) from exc
+        return out
+
+    def mean_gates(self, attention_mask: Tensor | None = None, *, per_layer: bool = False) -> Tensor:
+        """Mean gate per expert over non-pad tokens: (batch, n_experts) averaged over layers,
+        or (n_layers, batch, n_experts) with ``per_layer`` (serving response, eval heatmaps)."""
+        return mean_gate_per_expert(self.gate_weights(), attention_mask, per_layer=per_layer)
+
+    # ---- detaching ---------------------------------------------------------------------
+
+    def unload(self) -> nn.Module:
+        """Put the original linear layers back and return the plain base model."""
+        for path, lyr in self.modula_layers().items():
+            parent_name, _, child = path.rpartition(".")
+            parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
+            setattr(parent, child, lyr.base_layer)
+        for n, p in self.base_model.named_parameters():
+            p.requires_grad_(self._requires_grad_before.get(n, False))
+        self._layer_paths = []
+        return self.base_model
+
+
+def mean_gate_per_expert(
+    gates: Mapping[str, Tensor] | Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    per_layer: bool = False,
+) -> Tensor:
+    """Average gates over the non-pad tokens of each row.
+
+    ``gates``: ``gate_weights()`` output or one (batch, seq, E) tensor. ``attention_mask``
+    (batch, seq'): 1 for real tokens; if shorter than the gates (tokens generated after the
+    prompt), the extra positions count as real. Returns (batch, E), or (layers, batch, E).
+    """
+    stacked = torch.stack(list(gates.values())) if isinstance(gates, Mapping) else gates.unsqueeze(0)
+    if stacked.numel() == 0:
+        raise ValueError("no gates to average")
+    stacked = stacked.float()
+    L, B, S, E = stacked.shape
+    if attention_mask is None:
+        mask = stacked.new_ones(B, S)
+    else:
+        mask = attention_mask.to(stacked.device, torch.float32)
+        if mask.shape[0] != B or mask.shape[1] > S:
+            raise ValueError(f"attention_mask {tuple(mask.shape)} does not fit gates of batch {B}, seq {S}")
+        if mask.shape[1] < S:
+            mask = torch.cat([mask, mask.new_ones(B, S - mask.shape[1])], 1)
+    weights = mask / mask.sum(1, keepdim=True).clamp(min=1.0)
+    per = torch.einsum("lbse,bs->lbe", stacked, weights)
+    if per_layer:
+        return per if isinstance(gates, Mapping) else per[0]
+    return per.mean(0)
