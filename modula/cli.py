@@ -149,6 +149,9 @@ def _print_resources(cfg: ModulaConfig, resources: dict[str, float]) -> None:
 # Subcommands that live with the code they drive; each module has register(app).
 COMMAND_MODULES = (
     "modula.demo",
+    "modula.data.commands",
+    "modula.trainers.commands",
+    "modula.eval.commands",
     "modula.infra.commands",
     "modula.cluster.commands",
 )

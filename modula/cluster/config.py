@@ -434,17 +434,43 @@ class StageConfig(_Section):
         return self
 
 
-def _stage(**kw: Any) -> Any:
-    return Field(default_factory=lambda: StageConfig(**kw))
+# Each stage's own defaults; a partial section in a file or a --set keeps the rest of them.
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "pretrain": {"steps": 400, "batch_size": 16, "lr": 3e-3, "warmup_steps": 40,
+                 "checkpoint_every": 100, "scaling": {"num_workers": 1, "cpus_per_worker": 2}},
+    "universal": {"steps": 200, "lr": 1e-3},
+    "domain": {"steps": 200, "lr": 1e-3},
+    "router": {"steps": 100, "lr": 3e-3},
+    "lora": {"steps": 400, "lr": 1e-3},
+    "molora": {"steps": 400, "lr": 1e-3},
+}
+
+
+def _stage(name: str) -> Any:
+    return Field(default_factory=lambda: StageConfig(**STAGE_DEFAULTS[name]))
 
 
 class StagesConfig(_Section):
-    pretrain: StageConfig = _stage(steps=1500, batch_size=16, lr=3e-3, warmup_steps=50)
-    universal: StageConfig = _stage(steps=200, lr=1e-3)
-    domain: StageConfig = _stage(steps=200, lr=1e-3)
-    router: StageConfig = _stage(steps=100, lr=3e-3)
-    lora: StageConfig = _stage(steps=400, lr=1e-3)
-    molora: StageConfig = _stage(steps=400, lr=1e-3)
+    pretrain: StageConfig = _stage("pretrain")
+    universal: StageConfig = _stage("universal")
+    domain: StageConfig = _stage("domain")
+    router: StageConfig = _stage("router")
+    lora: StageConfig = _stage("lora")
+    molora: StageConfig = _stage("molora")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stage_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name, given in data.items():
+            if name in STAGE_DEFAULTS and isinstance(given, dict):
+                merged = {**STAGE_DEFAULTS[name], **given}
+                if isinstance(given.get("scaling"), dict) and "scaling" in STAGE_DEFAULTS[name]:
+                    merged["scaling"] = {**STAGE_DEFAULTS[name]["scaling"], **given["scaling"]}
+                out[name] = merged
+        return out
 
     def get(self, name: str) -> StageConfig:
         if name not in STAGE_NAMES:
@@ -659,12 +685,6 @@ class ModulaConfig(_Section):
             raise ValueError(
                 f"tune.stage: {self.tune.stage!r} is not a stage (allowed: "
                 f"{', '.join(TUNE_STAGES)}, domain:<one of {', '.join(names)}>)"
-            )
-        if self.serve.max_prompt_tokens + self.serve.max_tokens_limit > self.model.max_length * 4:
-            raise ValueError(
-                f"serve.max_prompt_tokens: {self.serve.max_prompt_tokens} prompt + "
-                f"{self.serve.max_tokens_limit} new tokens is more than 4x model.max_length "
-                f"({self.model.max_length})"
             )
         return self
 

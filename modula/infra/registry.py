@@ -653,3 +653,11 @@ class Registry:
             if hashlib.sha256(data).hexdigest() != f.sha256:
                 problems.append(f"{f.path}: corrupt ({self.storage.uri(key)})")
         return problems
+
+
+def published_name(cfg: Any, variant: str | None = None, name: str | None = None) -> str:
+    """The registry name a config's model is published under: ``serve.model_name`` for the
+    configured variant, ``<model_name>-<variant>`` for another one (the baselines)."""
+    base = name or cfg.serve.model_name
+    variant = variant or cfg.modula.variant
+    return base if variant == cfg.modula.variant else f"{base}-{variant}"

@@ -1,0 +1,94 @@
+"""`modula eval` (one model on every domain) and `modula report` (the comparison across variants)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="The config YAML (default: configs/default.yaml)."),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a field: --set eval.max_examples=50 (repeatable)."),
+]
+
+
+def _fail(msg: str) -> typer.Exit:
+    Console(stderr=True).print(f"[bold red]error[/]: {msg}", highlight=False)
+    return typer.Exit(1)
+
+
+def eval_cmd(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    variant: Annotated[str, typer.Option("--variant", "-v", help="base | lora | molora | flan | res")] = "base",
+    model: Annotated[Path | None, typer.Option("--model", help="A local HF causal-LM folder to evaluate instead.")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="The row name for --model (default: the folder name).")] = None,
+    split: Annotated[str, typer.Option(help="validation or test")] = "test",
+    domain: Annotated[list[str] | None, typer.Option("--domain", "-d", help="Only this domain (repeatable).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Examples per domain (default: eval.max_examples).")] = None,
+) -> None:
+    """Evaluate one model on every configured domain and store its result."""
+    from modula.cli import load_or_exit
+    from modula.eval.report import render_table
+    from modula.eval.run import load_model_dir, run_eval
+    from modula.infra.storage import Storage
+    from modula.model.builtin import BaseModelMissing
+
+    cfg = load_or_exit(config, set_)
+    if split not in ("validation", "test"):
+        raise _fail(f"--split: {split!r} is not allowed (allowed: validation, test)")
+    console = Console()
+    storage = Storage(cfg.storage)
+    row_name = variant
+    try:
+        mdl = tok = None
+        if model is not None:
+            mdl, tok = load_model_dir(model, cfg.model.dtype)
+            row_name = name or model.name
+
+        def show(r) -> None:
+            console.print(f"  {r.domain:<10} {r.metric:<12} n={r.n:<4} ppl={r.perplexity:8.2f}"
+                          + (f"  score={r.score:5.1f}%" if r.score is not None else ""))
+
+        with console.status(f"evaluating {row_name}"):
+            result, shares = run_eval(cfg, storage, variant=row_name, model=mdl, tokenizer=tok,
+                                      split=split, domains=domain or None, limit=limit, on_domain=show,
+                                      model_name=str(model) if model else "")
+    except (BaseModelMissing, KeyError, FileNotFoundError, ValueError) as exc:
+        raise _fail(str(exc).strip('"')) from None
+    console.print(render_table({row_name: result}, title=f"{row_name} ({split}, {result.seconds:.0f}s)"))
+    if shares is not None:
+        console.print(f"router gate shares recorded for {len(shares.layers)} routers")
+
+
+def report_cmd(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Folder (default: eval.output_dir).")] = None,
+) -> None:
+    """Print the comparison table of every evaluated variant; write JSON, Markdown and PNGs."""
+    from modula.cli import load_or_exit
+    from modula.eval.report import load_results, render_table, write_report
+    from modula.infra.storage import Storage
+
+    cfg = load_or_exit(config, set_)
+    storage = Storage(cfg.storage)
+    results = load_results(storage)
+    if not results:
+        raise _fail(f"no evaluation results in {storage.uri('reports/eval')}: run `modula eval` first")
+    console = Console()
+    console.print(render_table(results))
+    files = write_report(storage, output or Path(cfg.eval.output_dir), results)
+    for p in files.values():
+        console.print(f"wrote {p}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_cmd)
+    app.command("report")(report_cmd)

@@ -1,0 +1,413 @@
+"""Driving the stages: Ray Train runs from the plan, expert files through the workspace, the
+registry at the end, and the cost of every run.
+
+The workspace (``work/<model>/<variant>/`` in storage) holds one file per expert as the stages
+produce them; ``publish`` writes the complete experts directory (``save_experts``: files plus
+``manifest.json``) and publishes it to the registry. ``add_domain`` starts from the registry's
+latest version, trains only the new expert and the routers, and publishes on top of it, leaving
+every other expert file byte-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from modula.cluster.config import DomainConfig, ModulaConfig
+from modula.infra.storage import Storage
+from modula.trainers.loop import EXPERTS_DIR, _expert_file, adapter_loop
+from modula.trainers.plan import StageRun, plan_stage, stage_runs, workspace_key
+from modula.trainers.progress import FitJob, ProgressBoard, fit_many_with_progress
+
+__all__ = ["RunCost", "StageError", "train", "run_stage", "publish", "add_domain", "RUNS_PREFIX"]
+
+RUNS_PREFIX = "runs/train"
+
+
+class StageError(RuntimeError):
+    """A stage's run failed (after its retries); the message names the run and the cause."""
+
+
+@dataclass
+class RunCost:
+    """What one run cost: the basis of the paper's "pluggability" comparison."""
+
+    run: str
+    stage: str
+    variant: str
+    trains: list[str]
+    trainable_parameters: int
+    tokens: int
+    steps: int
+    num_workers: int
+    wall_seconds: float
+    loop_seconds: float
+    worker_seconds: float
+    final_loss: float | None
+    resumed: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+def _tokenizer_dir(cfg: ModulaConfig, storage: Storage) -> Path:
+    from modula.model.builtin import resolve_base_dir
+
+    return resolve_base_dir(cfg, storage)
+
+
+def _run_datasets(cfg: ModulaConfig, run: StageRun, storage: Storage, tok_dir: Path,
+                  validate: bool) -> dict[str, Any]:
+    """The Ray Data inputs of a run: ``train`` (or ``train_<domain>`` per pinned stream) and,
+    for sweeps, ``val`` / ``val_<domain>``."""
+    import ray.data
+
+    from modula.data.encode import tokenized_dataset
+    from modula.data.io import read_dataset
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    section = cfg.stages.get(run.section)
+    max_len = section.max_length or cfg.model.max_length
+
+    def tok(ds: Any) -> Any:
+        return tokenized_dataset(ds, tok_dir, max_len)
+
+    out: dict[str, Any] = {}
+    if run.pinned:
+        for d in run.pinned:
+            out[f"train_{d}"] = tok(read_dataset(storage, d, "train")).materialize()
+            if validate:
+                out[f"val_{d}"] = tok(read_dataset(storage, d, "validation")).materialize()
+        return out
+    if run.stage == "router":
+        domains = [d for d in run.data if d != "general"]
+        mix = read_dataset(storage, domains, "train")
+        frac = section.general_fraction
+        if frac > 0 and "general" in run.data:
+            n_general = int(mix.count() * frac / max(1e-9, 1 - frac))
+            general = read_dataset(storage, "general", "train").random_shuffle(
+                seed=section.seed).limit(n_general)
+            mix = mix.union(general)
+        train = mix.random_shuffle(seed=section.seed)
+    else:
+        train = read_dataset(storage, list(run.data), "train").random_shuffle(seed=section.seed)
+    out["train"] = tok(train).materialize()
+    if validate:
+        val_domains = [d for d in run.data if d != "general"] or list(run.data)
+        out["val"] = tok(read_dataset(storage, val_domains, "validation")).materialize()
+    return out
+
+
+# ------------------------------------------------------------------------------------ runs
+
+
+def _trainer(cfg: ModulaConfig, run: StageRun, storage: Storage, datasets: dict[str, Any],
+             inputs_dir: str | None, board: ProgressBoard, pad_id: int, validate: bool,
+             callbacks: list[Any] | None = None) -> Any:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    section = cfg.stages.get(run.section)
+    sc = section.scaling
+    storage_path, fs = storage.ray_storage(RUNS_PREFIX)
+    resources = {"CPU": sc.cpus_per_worker}
+    if sc.use_gpu:
+        resources["GPU"] = sc.gpus_per_worker
+    return TorchTrainer(
+        adapter_loop,
+        train_loop_config={"cfg": cfg, "run": run, "inputs_dir": inputs_dir, "board": board,
+                           "pad_id": pad_id, "validate": validate},
+        scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=run.name,
+            storage_path=storage_path,
+            storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=section.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks or [],
+        ),
+        datasets=datasets,
+    )
+
+
+def _inputs_dir(cfg: ModulaConfig, storage: Storage, work_key: str, cache: Path) -> str | None:
+    """A folder the workers can read the earlier stages' experts from. Local storage is read in
+    place (one machine, or a shared file system); S3 is copied once to a local cache."""
+    if not storage.list(work_key):
+        return None
+    if storage.is_s3:
+        return str(storage.download_dir(work_key, cache))
+    return storage.uri(work_key)
+
+
+def _parallel_runs(cfg: ModulaConfig, runs: list[StageRun]) -> int:
+    """How many of a wave's runs fit the cluster at once."""
+    import ray
+
+    total_cpu = float(ray.cluster_resources().get("CPU", 1))
+    total_gpu = float(ray.cluster_resources().get("GPU", 0))
+    sc = cfg.stages.get(runs[0].section).scaling
+    fit = total_cpu // max(sc.cpus_per_worker * sc.num_workers, 1e-9)
+    if sc.use_gpu:
+        fit = min(fit, total_gpu // max(sc.gpus_per_worker * sc.num_workers, 1e-9))
+    return int(max(1, min(len(runs), fit)))
+
+
+def _collect(result: Any, run: StageRun, storage: Storage, work_key: str, wall: float,
+             num_workers: int) -> RunCost:
+    if result.error is not None:
+        raise StageError(f"run {run.name} failed: {result.error}") from result.error
+    if result.checkpoint is None:
+        raise StageError(f"run {run.name} finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        experts = Path(d) / EXPERTS_DIR
+        cost_path = Path(d) / "cost.json"
+        if not cost_path.is_file():
+            raise StageError(f"run {run.name}: the final checkpoint has no cost record "
+                             "(it was not written by the last step)")
+        cost = json.loads(cost_path.read_text())
+        for name in run.trains:
+            f = experts / _expert_file(name)
+            if not f.is_file():
+                raise StageError(f"run {run.name}: the final checkpoint lacks expert {name!r}")
+            storage.upload_file(f, f"{work_key}/{_expert_file(name)}")
+    metrics = dict(result.metrics or {})
+    rc = RunCost(
+        run=run.name, stage=run.stage, variant=run.variant, trains=list(run.trains),
+        trainable_parameters=int(cost["trainable_parameters"]), tokens=int(cost["tokens"]),
+        steps=int(cost["steps"]), num_workers=int(cost["world_size"]),
+        wall_seconds=round(wall, 2), loop_seconds=round(float(cost["loop_seconds"]), 2),
+        worker_seconds=round(float(cost["loop_seconds"]) * int(cost["world_size"]), 2),
+        final_loss=cost.get("final_loss"), resumed=int(cost.get("resumed", 0)),
+        metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+    )
+    storage.write_text(f"{work_key}/costs/{run.name}.json", json.dumps(rc.to_dict(), indent=2))
+    return rc
+
+
+def run_stage(cfg: ModulaConfig, runs: list[StageRun], storage: Storage | None = None,
+              name: str | None = None, console: Any | None = None, show_progress: bool = True,
+              validate: bool = False, callbacks: list[Any] | None = None) -> list[RunCost]:
+    """Run one wave of independent runs (side by side as resources allow); their experts land
+    in the workspace. Returns the cost of each run."""
+    from rich.console import Console
+
+    from modula.cluster.connect import connect
+    from modula.data.build import ensure_data
+    from modula.data.tokenizer import load_tokenizer
+
+    console = console or Console()
+    storage = storage or Storage(cfg.storage)
+    connect(cfg.cluster)
+    needed = sorted({d for r in runs for d in r.data})
+    ensure_data(cfg, storage, needed)
+    tok_dir = _tokenizer_dir(cfg, storage)
+    pad_id = int(load_tokenizer(tok_dir).pad_token_id or 0)
+    variant = runs[0].variant
+    work_key = workspace_key(cfg, name, variant)
+    with tempfile.TemporaryDirectory(prefix="modula-inputs-") as cache:
+        inputs_dir = _inputs_dir(cfg, storage, work_key, Path(cache))
+        parallel = _parallel_runs(cfg, runs)
+        costs: list[RunCost] = []
+        for i in range(0, len(runs), parallel):
+            wave = runs[i:i + parallel]
+            jobs, boards, starts = [], [], {}
+            for run in wave:
+                board = ProgressBoard(f"modula-progress-{run.name}-{os.getpid()}").create()
+                boards.append(board)
+                datasets = _run_datasets(cfg, run, storage, tok_dir, validate)
+                trainer = _trainer(cfg, run, storage, datasets, inputs_dir, board, pad_id,
+                                   validate, callbacks)
+
+                def fit(trainer: Any = trainer, run: StageRun = run,
+                        walls: dict[str, float] = starts) -> Any:
+                    t0 = time.time()
+                    res = trainer.fit()
+                    walls[run.name] = time.time() - t0
+                    return res
+
+                label = run.stage if run.stage != "domains" else "domain " + "+".join(run.trains)
+                jobs.append(FitJob(f"{variant} {label}", fit, board,
+                                   cfg.stages.get(run.section).steps))
+            try:
+                results = fit_many_with_progress(jobs, console, show=show_progress)
+            finally:
+                for b in boards:
+                    b.close()
+            for run, result in zip(wave, results, strict=True):
+                costs.append(_collect(result, run, storage, work_key, starts[run.name],
+                                      cfg.stages.get(run.section).scaling.num_workers))
+    return costs
+
+
+def train(cfg: ModulaConfig, stage: str = "all", storage: Storage | None = None,
+          name: str | None = None, console: Any | None = None, show_progress: bool = True,
+          publish_result: bool = True) -> list[RunCost]:
+    """Train a stage (or ``all`` of them, in order) and, once the model is complete, publish."""
+    from rich.console import Console
+
+    console = console or Console()
+    storage = storage or Storage(cfg.storage)
+    costs: list[RunCost] = []
+    for wave in plan_stage(cfg, stage, name):
+        costs += run_stage(cfg, wave, storage, name, console, show_progress)
+    complete = stage in ("all", "router", "lora", "molora")
+    if publish_result and complete:
+        variant = stage if stage in ("lora", "molora") else cfg.modula.variant
+        publish(cfg, storage, name=name, variant=variant, costs=costs, console=console)
+    return costs
+
+
+# ------------------------------------------------------------------------------------ publish
+
+
+def _registry_name(cfg: ModulaConfig, name: str | None, variant: str) -> str:
+    from modula.infra.registry import published_name
+
+    return published_name(cfg, variant, name)
+
+
+def publish(cfg: ModulaConfig, storage: Storage | None = None, name: str | None = None,
+            variant: str | None = None, costs: list[RunCost] | None = None,
+            console: Any | None = None, base_version: int | None = None,
+            domains: list[str] | None = None) -> Any:
+    """Assemble the workspace's experts into a complete experts directory and publish it."""
+    from rich.console import Console
+
+    from modula.infra.registry import ExpertSpec, Registry
+    from modula.model import attach_modula, load_expert, save_experts
+    from modula.model.builtin import load_base_model
+
+    console = console or Console()
+    storage = storage or Storage(cfg.storage)
+    variant = variant or cfg.modula.variant
+    work_key = workspace_key(cfg, name, variant)
+    domain_list = domains if domains is not None else (
+        [] if variant == "lora" else cfg.expert_domains())
+    base, _ = load_base_model(cfg, storage)
+    model = attach_modula(base, cfg.modula.model_copy(update={"variant": variant}),
+                          domains=list(domain_list))
+    run_costs = {c.run: c for c in (costs or [])}
+    all_costs = _stored_costs(storage, work_key)
+    with tempfile.TemporaryDirectory(prefix="modula-publish-") as tmp:
+        src = Path(tmp) / "work"
+        if not storage.list(work_key):
+            raise StageError(f"cannot publish: no expert has been trained for {variant} "
+                             f"({storage.uri(work_key)} is empty)")
+        if storage.is_s3:
+            storage.download_dir(work_key, src)
+        else:
+            shutil.copytree(storage.uri(work_key), src)
+        names = (["universal"] if variant != "molora" else []) + list(domain_list) + (
+            ["routers"] if variant != "lora" else [])
+        for n in names:
+            f = src / _expert_file(n)
+            if not f.is_file():
+                raise StageError(f"cannot publish: expert {n!r} has not been trained "
+                                 f"({storage.uri(f'{work_key}/{_expert_file(n)}')} is missing)")
+            load_expert(model, n, f)
+        out = Path(tmp) / "experts"
+        manifest = save_experts(model, out, base_model_id=cfg.model.base)
+        specs = {}
+        for e in manifest["experts"]:
+            trained = [c for c in all_costs.values() if e["name"] in c.get("trains", [])]
+            last = trained[-1] if trained else {}
+            specs[e["name"]] = ExpertSpec(
+                file=e["file"], kind="router" if e["name"] == "routers" else None,
+                training={k: last.get(k) for k in ("run", "stage", "steps", "tokens",
+                                                   "trainable_parameters", "worker_seconds")
+                          if k in last},
+                metrics={"final_loss": last.get("final_loss")} if last else {},
+            )
+        registry = Registry.from_config(cfg)
+        version = registry.publish(
+            _registry_name(cfg, name, variant), out,
+            metadata={"base_model": {"id": cfg.model.base,
+                                     "sha256": manifest["base_model"]["fingerprint"]},
+                      "variant": variant, "domains": manifest["domains"],
+                      "config": {"modula": cfg.modula.model_dump(mode="json"),
+                                 "stages": cfg.stages.model_dump(mode="json")},
+                      "runs": [c.to_dict() for c in run_costs.values()]},
+            experts=specs, base_version=base_version,
+        )
+    console.print(f"published {version.model} v{version.version} "
+                  f"({len(version.experts)} experts, {version.size / 1e6:.2f} MB)")
+    return version
+
+
+def _stored_costs(storage: Storage, work_key: str) -> dict[str, dict[str, Any]]:
+    out = {}
+    for key in storage.list(f"{work_key}/costs"):
+        try:
+            c = json.loads(storage.read_text(key))
+        except (ValueError, FileNotFoundError):
+            continue
+        out[c["run"]] = c
+    return dict(sorted(out.items(), key=lambda kv: kv[1].get("wall_seconds", 0)))
+
+
+# ------------------------------------------------------------------------------------ add-domain
+
+
+def add_domain(cfg: ModulaConfig, domain: str, data: str | None = None,
+               storage: Storage | None = None, name: str | None = None,
+               console: Any | None = None, show_progress: bool = True,
+               metric: str = "exact_match") -> tuple[Any, list[RunCost]]:
+    """Plug a new domain into the published model: train its expert (stage 2) and the routers
+    (stage 3) only, then publish on top of the latest version. Old experts are not touched."""
+    from rich.console import Console
+
+    from modula.infra.registry import Registry
+
+    console = console or Console()
+    storage = storage or Storage(cfg.storage)
+    variant = cfg.modula.variant
+    if variant not in ("flan", "res"):
+        raise ValueError(f"add-domain needs a MoDULA variant (flan, res), not {variant!r}: "
+                         "the baselines are retrained from scratch")
+    registry = Registry.from_config(cfg)
+    rname = _registry_name(cfg, name, variant)
+    latest = registry.show(rname)
+    old_domains = latest.metadata.get("domains") or latest.domains()
+    if domain in old_domains:
+        raise ValueError(f"domain {domain!r} is already in {rname} v{latest.version} "
+                         f"(domains: {', '.join(old_domains)})")
+    # the config gains the domain (a built-in one, or user data at `data`)
+    known = {d.name for d in cfg.domains}
+    if domain in known:
+        domains_cfg = [d.model_copy(update={"reserved": False}) if d.name == domain else d
+                       for d in cfg.domains]
+    else:
+        if data is None:
+            raise ValueError(f"domain {domain!r} is not in the config: give its data with --data")
+        domains_cfg = [*cfg.domains, DomainConfig(name=domain, source=data, metric=metric)]
+    cfg = cfg.model_copy(update={"domains": domains_cfg})
+    new_order = [*old_domains, domain]
+
+    # the workspace starts as exactly the published experts
+    work_key = workspace_key(cfg, name, variant)
+    with tempfile.TemporaryDirectory(prefix="modula-add-") as tmp:
+        local = registry.fetch(rname, latest.version, Path(tmp) / "latest")
+        for n, e in local.manifest.experts.items():
+            if n != "routers":
+                storage.upload_file(local.path / e.file, f"{work_key}/{_expert_file(n)}")
+    costs: list[RunCost] = []
+    (expert_run,) = stage_runs(cfg, "domains", domains=[domain], name=name)
+    expert_run = StageRun(**{**expert_run.__dict__, "domains": tuple(new_order)})
+    costs += run_stage(cfg, [expert_run], storage, name, console, show_progress)
+    (router_run,) = stage_runs(cfg, "router", domains=new_order, name=name)
+    costs += run_stage(cfg, [router_run], storage, name, console, show_progress)
+    version = publish(cfg, storage, name=name, variant=variant, costs=costs, console=console,
+                      base_version=latest.version, domains=new_order)
+    return version, costs
