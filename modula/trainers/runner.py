@@ -233,7 +233,10 @@ def run_stage(cfg: ModulaConfig, runs: list[StageRun], storage: Storage | None =
                 def fit(trainer: Any = trainer, run: StageRun = run,
                         walls: dict[str, float] = starts) -> Any:
                     t0 = time.time()
-                    res = trainer.fit()
+                    try:
+                        res = trainer.fit()
+                    except Exception as exc:  # Train V2 raises a worker's error from fit()
+                        raise StageError(f"run {run.name} failed: {exc}") from exc
                     walls[run.name] = time.time() - t0
                     return res
 
