@@ -17,7 +17,8 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from modula.cluster.config import ConfigError, ModulaConfig, load_config, redacted_dict
+from modula.cluster.config import ModulaConfig, redacted_dict
+from modula.cluster.options import ConfigOpt, SetOpt, load_or_exit
 
 app = typer.Typer(
     name="modula",
@@ -28,28 +29,6 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
-
-ConfigOpt = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="The config YAML (default: configs/default.yaml)."),
-]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option("--set", help="Override a field: --set stages.router.lr=1e-3 (repeatable)."),
-]
-
-
-def load_or_exit(config: Path | None, sets: list[str] | None) -> ModulaConfig:
-    """Load the config or print its problems and exit 2."""
-    try:
-        return load_config(config, sets or [])
-    except ConfigError as exc:
-        src = f" {exc.source}" if exc.source else ""
-        err_console.print(f"[bold red]invalid config{src}[/]", highlight=False)
-        for p in exc.problems:
-            err_console.print(f"  {p}", highlight=False, markup=False)
-        raise typer.Exit(2) from None
-
 
 def _flatten(d: object, prefix: str = "") -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []

@@ -4,21 +4,13 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-ConfigOpt = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="The config YAML (default: configs/default.yaml)."),
-]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option("--set", help="Override a field: --set storage.root=/tmp/x (repeatable)."),
-]
+from modula.cluster.options import ConfigOpt, SetOpt
 
 
 def build_cmd(

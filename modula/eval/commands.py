@@ -8,14 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-ConfigOpt = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="The config YAML (default: configs/default.yaml)."),
-]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option("--set", help="Override a field: --set eval.max_examples=50 (repeatable)."),
-]
+from modula.cluster.options import ConfigOpt, SetOpt
 
 
 def _fail(msg: str) -> typer.Exit:

@@ -11,18 +11,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from modula.cluster.options import ConfigOpt, SetOpt
+
 
 def _console(stderr: bool = False) -> Console:
     return Console(stderr=stderr)  # made per call: picks up the terminal width of the moment
 
-ConfigOpt = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="The config YAML (default: configs/default.yaml)."),
-]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option("--set", help="Override a field: --set storage.root=s3://b/p (repeatable)."),
-]
 
 
 def _registry(config: Path | None, sets: list[str] | None):

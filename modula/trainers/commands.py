@@ -3,21 +3,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-ConfigOpt = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="The config YAML (default: configs/default.yaml)."),
-]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option("--set", help="Override a field: --set stages.pretrain.steps=100 (repeatable)."),
-]
+from modula.cluster.options import ConfigOpt, SetOpt
 
 
 def pretrain_cmd(
