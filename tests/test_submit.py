@@ -264,7 +264,7 @@ def test_submit_to_a_real_cluster(ray_cluster, tmp_path):
     # a bad --set for both sides fails here, before anything is submitted
     local_bad = _modula("submit", "validate", "--set", "stages.router.lr=5",
                         "--address", ray_cluster)
-    out, err = local_bad.communicate(timeout=60)
+    out, err = local_bad.communicate(timeout=180)
     assert local_bad.returncode == 2 and "stages.router.lr" in err and "submitted" not in err
 
     # Ctrl-C once the sleeper's log has arrived: the job is stopped
@@ -273,20 +273,20 @@ def test_submit_to_a_real_cluster(ray_cluster, tmp_path):
         seen.append(stopper.stdout.readline())
         assert seen[-1], ("".join(seen), stopper.stderr.read())  # EOF before the job's tick
     stopper.send_signal(signal.SIGINT)
-    s_out, s_err = stopper.communicate(timeout=60)
+    s_out, s_err = stopper.communicate(timeout=180)
     assert stopper.returncode == EXIT_STOPPED, s_err
     assert "stopping job" in s_err
     assert str(client.get_job_status(f"sleeper-{tmp_path.name}")) in ("STOPPED",
                                                                        "JobStatus.STOPPED")
 
-    out, err = ok.communicate(timeout=90)
+    out, err = ok.communicate(timeout=240)
     assert ok.returncode == 0, err
     assert "port: 9123" in out  # the job's own output, streamed here
     assert "SUCCEEDED" in err and "config via working_dir" in err
     info = client.get_job_info(f"ok-{tmp_path.name}")
     assert info.runtime_env["env_vars"]["MODULA_SUBMISSION_ID"] == f"ok-{tmp_path.name}"
 
-    out, err = fail.communicate(timeout=90)
+    out, err = fail.communicate(timeout=240)
     assert fail.returncode == 2, (out, err)  # the job's exit code: invalid config
     assert "stages.router.lr" in out and "invalid config" in out  # streamed from the job
     assert "FAILED" in err and "config via env" in err
@@ -294,7 +294,7 @@ def test_submit_to_a_real_cluster(ray_cluster, tmp_path):
     # the id of a finished job cannot be reused; a running one is attached to
     again = _modula("submit", "validate", "--address", ray_cluster,
                     "--submission-id", f"ok-{tmp_path.name}")
-    out, err = again.communicate(timeout=60)
+    out, err = again.communicate(timeout=180)
     assert again.returncode == 3 and "already ran (SUCCEEDED)" in err
 
 

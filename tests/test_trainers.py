@@ -259,14 +259,21 @@ def _kill_first_worker_after_checkpoint(run_dir: Path, stop: threading.Event, ki
 
     import ray._private.state
 
+    def alive_workers() -> dict[str, int]:
+        # the actor table of the cluster this test is connected to (no dashboard needed)
+        return {aid: a["Pid"] for aid, a in ray._private.state.actors().items()
+                if a.get("ActorClassName") == "RayTrainWorker" and a.get("State") == "ALIVE"}
+
+    earlier = set(alive_workers())  # workers of earlier tests' runs are not this run's
     while not stop.is_set():
-        if run_dir.is_dir() and any(p.is_dir() and p.name.startswith("checkpoint_")
-                                    for p in run_dir.iterdir()):
-            # the actor table of the cluster this test is connected to (no dashboard needed)
-            for actor in ray._private.state.actors().values():
-                if actor.get("ActorClassName") == "RayTrainWorker" and actor.get("State") == "ALIVE":
-                    os.kill(actor["Pid"], signal.SIGKILL)
-                    killed.append(actor["Pid"])
+        # after a few checkpoints: the controller has registered at least one by then (a
+        # kill right after the first is written can beat its registration: a fresh start)
+        if run_dir.is_dir() and sum(p.is_dir() and p.name.startswith("checkpoint_")
+                                    for p in run_dir.iterdir()) >= 3:
+            for aid, pid in alive_workers().items():
+                if aid not in earlier:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
             if killed:
                 return
         time.sleep(0.05)
@@ -276,7 +283,7 @@ def _kill_first_worker_after_checkpoint(run_dir: Path, stop: threading.Event, ki
 def test_killed_worker_resumes_from_the_last_checkpoint(ray_local, tiny_base, tmp_path):
     from modula.trainers.runner import run_stage
 
-    raw = _raw(str(tmp_path / "runs"), steps=200, checkpoint_every=10, max_failures=2)
+    raw = _raw(str(tmp_path / "runs"), steps=300, checkpoint_every=10, max_failures=2)
     raw["model"]["base"] = str(tiny_base)
     cfg = config_from_dict(raw)
     (run,) = stage_runs(cfg, "universal")
@@ -290,7 +297,7 @@ def test_killed_worker_resumes_from_the_last_checkpoint(ray_local, tiny_base, tm
         stop.set()
         watcher.join()
     assert killed, "no training worker was found to kill"
-    assert cost.resumed >= 1 and cost.steps == 200
+    assert cost.resumed >= 1 and cost.steps == 300
     # the same run uninterrupted, under another name
     cfg2 = config_from_dict({**raw, "storage": {"root": str(tmp_path / "runs2")}})
     (run2,) = stage_runs(cfg2, "universal")
