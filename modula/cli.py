@@ -133,6 +133,7 @@ COMMAND_MODULES = (
     "modula.eval.commands",
     "modula.infra.commands",
     "modula.cluster.commands",
+    "modula.serving.commands",
 )
 
 

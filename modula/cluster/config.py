@@ -603,6 +603,9 @@ class ServeConfig(_Section):
     base_only: bool = False
     # a request body larger than this is refused with 413
     max_request_bytes: Annotated[int, Field(ge=1024)] = 1_048_576
+    # which tokens the reported mean gate weights cover: the prompt (free: captured in the
+    # prefill forward), every token (prompt + generated: a capture in every decode step), none
+    gate_report: Literal["prompt", "all", "off"] = "prompt"
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -1,0 +1,247 @@
+"""What a serving replica loads: the base model and tokenizer from ``model.base`` and the experts
+of the latest registry version, wrapped for the engine.
+
+Serving reads only artifacts and the config (DESIGN.md): the base model through
+:mod:`modula.model.builtin` (built-in, a local HF directory or an ``s3://`` prefix), the experts
+through :class:`modula.infra.registry.Registry` (every file's sha256 checked) and
+:func:`modula.model.load_modula` (the manifest, shapes and base fingerprint checked).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from modula.cluster.config import ModulaConfig
+from modula.serving import topology
+from modula.serving.engine import ModelAdapter
+
+__all__ = [
+    "ModelSource",
+    "ModelUnavailable",
+    "RoutingModel",
+    "configure_torch",
+    "load_tokenizer",
+    "modula_adapter",
+    "registry_model_name",
+    "render_chat",
+]
+
+log = logging.getLogger(__name__)
+
+
+class ModelUnavailable(RuntimeError):
+    """There is nothing to serve yet (no base model, or no published version)."""
+
+
+def registry_model_name(cfg: ModulaConfig) -> str:
+    """The registry model a service serves: ``serve.registry_model``, else ``serve.model_name``."""
+    return cfg.serve.registry_model or cfg.serve.model_name
+
+
+def configure_torch(cfg: ModulaConfig) -> None:
+    """Intra-op threads = the replica's CPUs (Ray's OMP default can be 1 thread or all cores)."""
+    n = max(1, round(cfg.serve.resources.num_cpus))
+    torch.set_num_threads(n)
+
+
+def load_tokenizer(cfg: ModulaConfig) -> Any:
+    """The base model's tokenizer (the ingress tokenises; the experts detokenise)."""
+    from modula.model.builtin import BaseModelMissing, load_base_tokenizer
+
+    try:
+        return load_base_tokenizer(cfg)
+    except BaseModelMissing as exc:
+        raise ModelUnavailable(str(exc)) from None
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """A conversation as the model's prompt, the assistant's turn open (the training format)."""
+    from modula.data.tokenizer import render_chat as _render
+
+    return _render(tokenizer, messages)
+
+
+def _gate_fn(model: Any):
+    """Runs a forward with gate capture; returns (output, gates averaged over layers)."""
+
+    def run(forward):
+        with model.capture_gates():
+            out = forward()
+            gates = model.gate_weights()
+        if not gates:
+            return out, None
+        stacked = torch.stack([g.float() for g in gates.values()])  # (L, B, S, E)
+        return out, stacked.mean(0)
+
+    return run
+
+
+def modula_adapter(model: Any, *, version: Any = None, info: dict[str, Any] | None = None
+                   ) -> ModelAdapter:
+    """A :class:`ModelAdapter` over a MoDULA model (``attach_modula`` / ``load_modula``)."""
+    model.eval()
+    model.set_stage(None)
+    model.force_domain(None)
+    names = list(model.expert_names)
+    domains = list(model.domains)
+    return ModelAdapter(
+        model, hf_model=model.base_model, domains=domains,
+        gate_names=names or None, gate_fn=_gate_fn(model) if names else None,
+        takes_expert_ids=bool(domains), version=version,
+        info={"variant": model.variant, **(info or {})},
+    )
+
+
+class ModelSource:
+    """Loads what one replica serves: base + (a group of) experts of a registry version.
+
+    `group`: the domains of this expert deployment (None: all of them). `extra_domains`: also
+    serve the registry's domains that no configured group names (domains added after
+    deployment, e.g. by ``modula add-domain``); set on the last group.
+    """
+
+    def __init__(self, cfg: ModulaConfig, group: Sequence[str] | None = None,
+                 extra_domains: bool = True):
+        self.cfg = cfg
+        self.group = list(group) if group is not None else None
+        self.extra_domains = extra_domains
+        self.base_only = cfg.serve.base_only
+        self.model_name = registry_model_name(cfg)
+        self._registry: Any = None
+        self._cache_root = Path(tempfile.gettempdir()) / "modula-serving" / f"{os.getpid()}"
+        self._fetched: list[Path] = []
+        self._lock = threading.Lock()
+
+    @property
+    def polls(self) -> bool:
+        """Whether replicas should poll the registry for new versions."""
+        return not self.base_only
+
+    @property
+    def registry(self) -> Any:
+        if self._registry is None:
+            from modula.infra.registry import Registry
+
+            self._registry = Registry.from_config(self.cfg)
+        return self._registry
+
+    def tokenizer(self) -> Any:
+        return load_tokenizer(self.cfg)
+
+    def latest_version(self) -> int | None:
+        if self.base_only:
+            return None
+        return self.registry.latest_version(self.model_name)
+
+    def _keep(self, domains: Sequence[str]) -> list[str]:
+        if self.group is None:
+            return list(domains)
+        grouped = {d for g in topology.expert_groups(self.cfg) for d in g}
+        return [d for d in domains if d in self.group
+                or (self.extra_domains and d not in grouped)]
+
+    def load(self, version: int | None) -> ModelAdapter:
+        """The base model with the experts of `version` (the base alone with ``base_only``)."""
+        from modula.model.builtin import BaseModelMissing, load_base_model
+
+        with self._lock:
+            try:
+                base, _ = load_base_model(self.cfg)
+            except BaseModelMissing as exc:
+                raise ModelUnavailable(str(exc)) from None
+            base.requires_grad_(False)
+            if self.base_only:
+                return ModelAdapter(base, version=None,
+                                    info={"base_model": self.cfg.model.base, "adapters": False})
+            if version is None:
+                raise ModelUnavailable(
+                    f"the registry in {self.cfg.storage.root} has no published version of model "
+                    f"{self.model_name!r}: train and publish it first (or set serve.base_only)")
+            from modula.model import load_modula
+
+            t0 = time.perf_counter()
+            dest = self._cache_root / self.model_name / f"v{version}"
+            local = self.registry.fetch(self.model_name, version, dest)
+            model = load_modula(base, local.path)
+            if self.cfg.modula.kernel != "auto":
+                model.kernel_backend = self.cfg.modula.kernel
+            for d in list(model.domains):
+                if d not in self._keep(model.domains):
+                    model.remove_domain(d)
+            self._forget_old(dest)
+            log.info("loaded %s v%s (%s, domains %s) in %.1fs", self.model_name, version,
+                     model.variant, model.domains, time.perf_counter() - t0)
+            mv = local.manifest
+            return modula_adapter(model, version=version, info={
+                "base_model": mv.base_model.id if mv.base_model else self.cfg.model.base,
+                "registry_model": self.model_name,
+            })
+
+    def cleanup(self) -> None:
+        """Delete this replica's fetched copies (the models are in memory)."""
+        shutil.rmtree(self._cache_root, ignore_errors=True)
+
+    def _forget_old(self, keep: Path) -> None:
+        """Delete this replica's copies of older versions (keep the previous one: it may be
+        draining; its files are loaded into memory already anyway)."""
+        if keep not in self._fetched:
+            self._fetched.append(keep)
+        while len(self._fetched) > 2:
+            shutil.rmtree(self._fetched.pop(0), ignore_errors=True)
+
+
+class RoutingModel:
+    """The full model (every domain), used by the Router to send a request to the expert group
+    with the most gate mass for its prompt: one batched prompt forward, no generation."""
+
+    def __init__(self, cfg: ModulaConfig):
+        self.cfg = cfg
+        self.source = ModelSource(cfg)
+        self.adapter = self.source.load(self.source.latest_version())
+        self._checked = time.monotonic()
+
+    def _maybe_reload(self) -> None:
+        if time.monotonic() - self._checked < self.cfg.serve.registry_poll_s:
+            return
+        self._checked = time.monotonic()
+        try:
+            latest = self.source.latest_version()
+            if latest is not None and latest != self.adapter.version:
+                self.adapter = self.source.load(latest)
+        except Exception:  # noqa: BLE001 - keep routing with the current version
+            log.exception("router: cannot load the latest registry version")
+
+    def gates(self, prompts: Sequence[Sequence[int]]) -> list[dict[str, float]]:
+        """Per prompt, the mean gate of each domain over its tokens and the layers."""
+        self._maybe_reload()
+        a = self.adapter
+        if not a.domains or a.gate_names is None:
+            return [{} for _ in prompts]
+        n, length = len(prompts), max(len(p) for p in prompts)
+        pad = 0
+        ids = torch.full((n, length), pad, dtype=torch.long)
+        mask = torch.zeros((n, length), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, length - len(p):] = torch.tensor(list(p), dtype=torch.long)
+            mask[i, length - len(p):] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.inference_mode():
+            _, gates = a.forward(ids, mask, pos, a.new_cache(), [-1] * n, True)
+        if gates is None:
+            return [{} for _ in prompts]
+        g = (gates.float() * mask[:, :, None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        out = []
+        for row in g.tolist():
+            out.append({name: float(w) for name, w in zip(a.gate_names, row, strict=False)
+                        if name in a.domains})
+        return out
