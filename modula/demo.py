@@ -1,18 +1,24 @@
 """`modula demo`: the main job end to end on a config (default: the embedded default).
 
 Validate the config, start Ray, build the data, pretrain (or reuse) the base model, train the
-three MoDULA stages, evaluate the base model and the trained variant, write the report. Every
-step prints what it does; each is the same code path as its own command.
+three MoDULA stages, evaluate the base model and the trained variant, write the report, deploy
+the Serve application and query it once per domain through the OpenAI API, then shut it down.
+Every step prints what it does; each is the same code path as its own command.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from modula.cluster.config import ModulaConfig
+    from modula.infra.storage import Storage
 
 console = Console()
 
@@ -56,7 +62,58 @@ def run_demo(config: Path | None, sets: list[str] | None) -> None:
         console.print(render_table(results))
         files = write_report(storage, Path(cfg.eval.output_dir))
         console.print("report: " + ", ".join(str(p) for p in files.values()))
+        console.rule("5. serving")
+        serve_and_query(cfg, storage)
     console.rule(f"[green]demo finished in {time.time() - t0:.0f}s")
+
+
+def serve_and_query(cfg: ModulaConfig, storage: Storage) -> None:
+    """Deploy the graph `modula serve` deploys, send each domain's first test prompt through the
+    official OpenAI client (routed by the gates, not pinned), print the answers with the gate
+    weights, and shut the application down whatever happens."""
+    import openai
+    from ray import serve
+    from rich.table import Table
+
+    from modula.data.io import read_records
+    from modula.serving.commands import deploy, preflight
+
+    info = preflight(cfg)
+    console.print(f"deploying {info['registry_model']} v{info['version']} "
+                  f"({', '.join(info['domains'])}) on {cfg.serve.host}:{cfg.serve.port} ...")
+    t0 = time.time()
+    try:
+        url = deploy(cfg)  # returns once every deployment is healthy
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="demo", max_retries=3, timeout=120)
+        served = [m.id for m in client.models.list().data]
+        console.print(f"[green]ready[/] in {time.time() - t0:.0f}s: {url}/v1, models: "
+                      + ", ".join(served))
+        table = Table(title=f"one request per domain: model {cfg.serve.model_name!r}, routed "
+                            "per token by the gates")
+        for col in ("domain", "prompt", "answer", "expected", "gate weights"):
+            table.add_column(col, overflow="fold")
+        for domain in info["domains"]:
+            row = read_records(storage, domain, "test", 1)[0]
+            r = client.chat.completions.create(
+                model=cfg.serve.model_name, temperature=0, max_tokens=48,
+                messages=[{"role": "user", "content": row["prompt"]}])
+            gates = (r.model_extra or {}).get("modula", {}).get("gates") or {}
+            top = sorted(gates.items(), key=lambda kv: -kv[1])
+            table.add_row(domain, _short(row["prompt"]), _short(r.choices[0].message.content),
+                          _short(row["response"]),
+                          " ".join(f"{k}={v:.2f}" for k, v in top))
+        console.print(table)
+    finally:
+        with contextlib.suppress(Exception):
+            serve.delete(cfg.serve.app_name)
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        console.print("serve application stopped")
+
+
+def _short(text: str | None, limit: int = 90) -> str:
+    text = " ".join((text or "").split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def register(app: typer.Typer) -> None:
