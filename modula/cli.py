@@ -134,6 +134,7 @@ COMMAND_MODULES = (
     "modula.infra.commands",
     "modula.cluster.commands",
     "modula.serving.commands",
+    "modula.tuning.commands",
 )
 
 

@@ -19,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
@@ -39,6 +40,11 @@ __all__ = [
     "ScalingConfigSpec",
     "TuneConfig",
     "SearchDimension",
+    "SchedulerSpec",
+    "TrialResources",
+    "TUNABLE",
+    "TUNE_STAGES",
+    "tune_section",
     "ServeConfig",
     "AutoscalingSpec",
     "EvalConfig",
@@ -486,14 +492,47 @@ TUNABLE = (
     "router_temperature", "router_top_k", "batch_size", "steps", "weight_decay",
 )
 
+# where each tunable lands in the config; "{section}" is the tuned stage's `stages` section
+TUNE_TARGETS: dict[str, tuple[str, ...]] = {
+    "lr": ("stages", "{section}", "lr"),
+    "batch_size": ("stages", "{section}", "batch_size"),
+    "steps": ("stages", "{section}", "steps"),
+    "weight_decay": ("stages", "{section}", "weight_decay"),
+    "universal_rank": ("modula", "universal_rank"),
+    "domain_rank": ("modula", "domain_rank"),
+    "universal_alpha": ("modula", "universal_alpha"),
+    "domain_alpha": ("modula", "domain_alpha"),
+    "dropout": ("modula", "dropout"),
+    "router_temperature": ("modula", "router", "temperature"),
+    "router_top_k": ("modula", "router", "top_k"),
+}
+# tunables whose values are whole numbers (a continuous distribution is rounded)
+TUNE_INTEGER = ("universal_rank", "domain_rank", "batch_size", "steps", "router_top_k")
+
+_COMMON = ("lr", "batch_size", "steps", "weight_decay", "dropout")
+# what each stage can tune: a value that the stage does not train (the rank of a frozen expert
+# it loads, the router of a stage without one) would be a no-op or a shape mismatch
+TUNABLE_BY_STAGE: dict[str, tuple[str, ...]] = {
+    "universal": (*_COMMON, "universal_rank", "universal_alpha"),
+    "domain": (*_COMMON, "domain_rank", "domain_alpha"),
+    "router": (*_COMMON, "router_temperature", "router_top_k"),
+    "lora": (*_COMMON, "universal_rank", "universal_alpha"),
+    "molora": (*_COMMON, "domain_rank", "domain_alpha", "router_temperature", "router_top_k"),
+}
+
+
+def tune_section(stage: str) -> str:
+    """The ``stages`` section a tune stage trains with (``domain:<name>`` -> ``domain``)."""
+    return "domain" if stage.startswith("domain:") else stage
+
 
 class SearchDimension(_Section):
-    """One axis of a search space, written in YAML."""
+    """One axis of a search space, written in YAML. ``randint`` includes ``high``."""
 
     type: Literal["loguniform", "uniform", "choice", "grid", "randint", "qloguniform"]
     low: float | None = None
     high: float | None = None
-    q: float | None = None
+    q: Annotated[float, Field(gt=0)] | None = None
     values: list[Any] | None = None
 
     @model_validator(mode="after")
@@ -501,32 +540,67 @@ class SearchDimension(_Section):
         if self.type in ("choice", "grid"):
             if not self.values:
                 raise ValueError(f"type {self.type!r} needs a non-empty `values` list")
+            if self.low is not None or self.high is not None or self.q is not None:
+                raise ValueError(f"type {self.type!r} takes `values`, not low/high/q")
         else:
+            if self.values is not None:
+                raise ValueError(f"type {self.type!r} takes low/high, not `values`")
             if self.low is None or self.high is None:
                 raise ValueError(f"type {self.type!r} needs `low` and `high`")
             if self.low >= self.high:
                 raise ValueError(f"low ({self.low}) must be < high ({self.high})")
             if self.type in ("loguniform", "qloguniform") and self.low <= 0:
                 raise ValueError(f"{self.type} needs low > 0 (got {self.low})")
+            if self.type == "qloguniform" and self.q is None:
+                raise ValueError("type 'qloguniform' needs `q` (the step values are rounded to)")
+            if self.type == "randint" and not (float(self.low).is_integer()
+                                               and float(self.high).is_integer()):
+                raise ValueError(f"randint needs whole numbers (got low={self.low}, high={self.high})")
         return self
+
+    def candidates(self) -> list[Any]:
+        """The values to check against the field: every listed value, or both bounds."""
+        return list(self.values) if self.values is not None else [self.low, self.high]
 
 
 class SchedulerSpec(_Section):
+    """Early stopping. ``grace_period`` and ``max_t`` count validation reports (one every
+    ``tune.report_every`` steps); ``max_t`` defaults to the longest trial's report count."""
+
     type: Literal["asha", "fifo"] = "asha"
     grace_period: Annotated[int, Field(ge=1)] = 1
     reduction_factor: Annotated[float, Field(gt=1)] = 2.0
     max_t: Annotated[int, Field(ge=1)] | None = None
 
 
+class TrialResources(_Section):
+    """What one trial uses: its own Ray Train run (None = the stage's ``scaling``) plus the
+    trial's driver (the Tune function that fits the run; it mostly waits)."""
+
+    num_workers: Annotated[int, Field(ge=1, le=4096)] | None = None
+    cpus_per_worker: Annotated[float, Field(gt=0)] | None = None
+    gpus_per_worker: Annotated[float, Field(ge=0)] | None = None
+    driver_cpus: Annotated[float, Field(ge=0)] = 0.1
+
+
 class TuneConfig(_Section):
+    """A Ray Tune sweep over one stage (``modula tune``); every trial is a Ray Train run."""
+
     stage: str = "router"
+    # the experiment's name under <storage.root>/tune/ (None: <model>-<variant>-<stage>)
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")] | None = None
     num_samples: Annotated[int, Field(ge=1)] = 4
     max_concurrent_trials: Annotated[int, Field(ge=1)] = 2
     search_alg: Literal["random", "grid", "optuna"] = "random"
+    seed: int | None = 0
+    # val_loss (the tuned domain's, or the average over every domain: the paper's checkpoint
+    # rule), val_loss_<domain>, or loss (training); None = val_loss
     metric: str | None = None
-    mode: Literal["min", "max"] = "max"
+    # None: min for the losses
+    mode: Literal["min", "max"] | None = None
     report_every: Annotated[int, Field(ge=1)] = 10
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    resources: TrialResources = Field(default_factory=TrialResources)
     space: dict[str, SearchDimension] = Field(
         default_factory=lambda: {"lr": SearchDimension(type="loguniform", low=1e-4, high=3e-3)}
     )
@@ -537,7 +611,32 @@ class TuneConfig(_Section):
         unknown = sorted(set(v) - set(TUNABLE))
         if unknown:
             raise ValueError(f"cannot tune {unknown} (allowed: {', '.join(TUNABLE)})")
+        if not v:
+            raise ValueError(f"the search space is empty (allowed keys: {', '.join(TUNABLE)})")
         return v
+
+    @model_validator(mode="after")
+    def _alg(self) -> TuneConfig:
+        if self.search_alg == "grid":
+            cont = sorted(k for k, d in self.space.items() if d.type not in ("grid", "choice"))
+            if cont:
+                raise ValueError(f"search_alg 'grid' needs discrete dimensions; space {cont} "
+                                 "is continuous (allowed with grid: grid, choice)")
+        if self.search_alg == "optuna":
+            grid = sorted(k for k, d in self.space.items() if d.type == "grid")
+            if grid:
+                raise ValueError(f"search_alg 'optuna' cannot enumerate a grid (space {grid}); "
+                                 "use type choice (allowed with optuna: loguniform, uniform, "
+                                 "choice, randint, qloguniform)")
+        return self
+
+    @property
+    def metric_name(self) -> str:
+        return self.metric or "val_loss"
+
+    @property
+    def mode_name(self) -> str:
+        return self.mode or "min"
 
 
 # --------------------------------------------------------------------------------------------
@@ -682,14 +781,62 @@ class ModulaConfig(_Section):
             raise ValueError(
                 f"modula.router.top_k: {top_k} is more than the number of experts ({n_experts})"
             )
-        if self.tune.stage not in TUNE_STAGES and not (
-            self.tune.stage.startswith("domain:") and self.tune.stage[7:] in known
+        self._tune_checks()
+        return self
+
+    def _tune_checks(self) -> None:
+        """The tune section against the rest: the stage, what it can tune, the metric, values."""
+        tune = self.tune
+        experts = self.expert_domains(include_reserved=True)
+        if tune.stage not in TUNE_STAGES and not (
+            tune.stage.startswith("domain:") and tune.stage[7:] in experts
         ):
             raise ValueError(
-                f"tune.stage: {self.tune.stage!r} is not a stage (allowed: "
-                f"{', '.join(TUNE_STAGES)}, domain:<one of {', '.join(names)}>)"
+                f"tune.stage: {tune.stage!r} is not a stage (allowed: "
+                f"{', '.join(TUNE_STAGES)}, domain:<one of {', '.join(experts)}>)"
             )
-        return self
+        section = tune_section(tune.stage)
+        allowed = TUNABLE_BY_STAGE[section]
+        wrong = sorted(set(tune.space) - set(allowed))
+        if wrong:
+            raise ValueError(
+                f"tune.space: stage {tune.stage!r} does not train {wrong} "
+                f"(allowed for this stage: {', '.join(allowed)})"
+            )
+        metrics = ["val_loss", "loss", *(f"val_loss_{d}" for d in
+                                          ("general", *experts) if d in {x.name for x in self.domains})]
+        if tune.metric is not None and tune.metric not in metrics:
+            raise ValueError(
+                f"tune.metric: {tune.metric!r} is not reported (allowed: {', '.join(metrics)})"
+            )
+        n_experts = len(self.expert_domains(include_reserved=True)) + (
+            1 if self.modula.variant == "flan" else 0
+        )
+        for key, dim in tune.space.items():
+            path = [p.replace("{section}", section) for p in TUNE_TARGETS[key]]
+            owner: Any = self
+            for p in path[:-1]:
+                owner = getattr(owner, p)
+            field = type(owner).model_fields[path[-1]]
+            adapter = TypeAdapter(Annotated[(field.annotation, *field.metadata)]
+                                  if field.metadata else field.annotation)
+            for v in dim.candidates():
+                if key in TUNE_INTEGER and isinstance(v, float) and v.is_integer():
+                    v = int(v)
+                if key in TUNE_INTEGER and dim.type in ("loguniform", "uniform", "qloguniform"):
+                    v = round(v)
+                try:
+                    adapter.validate_python(v)
+                except ValidationError as exc:
+                    msg = exc.errors(include_url=False)[0]["msg"]
+                    raise ValueError(
+                        f"tune.space.{key}: {v!r} is not a valid {'.'.join(path)} ({msg})"
+                    ) from None
+                if key == "router_top_k" and v is not None and v > n_experts:
+                    raise ValueError(
+                        f"tune.space.router_top_k: {v} is more than the number of experts "
+                        f"({n_experts})"
+                    )
 
     def expert_domains(self, include_reserved: bool = False) -> list[str]:
         """Domains that get a domain expert, in router order."""

@@ -133,21 +133,65 @@ def _cycle(shard: Any, batch_size: int, seed: int) -> Any:
 def _validation_loss(model: Any, shards: dict[str, Any], pinned: dict[str, int | None],
                      batch_size: int, max_batches: int = 4) -> float | None:
     """Mean response loss on the validation shards (the metric a sweep ranks trials by)."""
+    sums = _validation_sums(model, shards, pinned, batch_size, max_batches)
+    total, count = sum(s for s, _ in sums.values()), sum(c for _, c in sums.values())
+    return total / count if count else None
+
+
+def _validation_sums(model: Any, shards: dict[str, Any], pinned: dict[str, int | None],
+                     batch_size: int, max_batches: int = 4) -> dict[str, tuple[float, int]]:
+    """Per shard: the summed batch losses and the number of batches (at most ``max_batches``)."""
     import torch
 
-    total, count = 0.0, 0
+    out: dict[str, tuple[float, int]] = {}
     model.eval()
     with torch.no_grad():
         for key, shard in shards.items():
+            total, count = 0.0, 0
             for i, batch in enumerate(shard.iter_torch_batches(batch_size=batch_size)):
                 if i >= max_batches:
                     break
                 kw = _model_inputs(batch, pinned.get(key))
-                out = model(**kw, use_cache=False)
-                total += float(out.loss)
+                out_ = model(**kw, use_cache=False)
+                total += float(out_.loss)
                 count += 1
+            out[key] = (total, count)
     model.train()
-    return total / count if count else None
+    return out
+
+
+def _validation_metrics(model: Any, shards: dict[str, Any], pinned: dict[str, int | None],
+                        batch_size: int, per_domain: dict[str, Any], world: int) -> dict[str, float]:
+    """``val_loss_<domain>`` for each per-domain shard and ``val_loss``, their average (the
+    paper's checkpoint selection rule); without per-domain shards ``val_loss`` is the mean over
+    ``shards``. Batch losses are summed over the workers."""
+    import torch
+    import torch.distributed as dist
+
+    shards = {**shards, **{f"val_{d}": s for d, s in per_domain.items()}}
+    sums = _validation_sums(model, shards, pinned, batch_size)
+    keys = list(sums)
+    if world > 1 and dist.is_initialized():
+        t = torch.tensor([x for k in keys for x in sums[k]], dtype=torch.float64)
+        dist.all_reduce(t)
+        sums = {k: (float(t[2 * i]), int(t[2 * i + 1])) for i, k in enumerate(keys)}
+    metrics: dict[str, float] = {}
+    domain_means = []
+    for k in keys:
+        total, count = sums[k]
+        if not count:
+            continue
+        if k.startswith("val_"):
+            metrics[f"val_loss_{k[4:]}"] = total / count
+            domain_means.append(total / count)
+    if per_domain and domain_means:
+        metrics["val_loss"] = sum(domain_means) / len(domain_means)
+    else:
+        total = sum(sums[k][0] for k in keys if not k.startswith("val_"))
+        count = sum(sums[k][1] for k in keys if not k.startswith("val_"))
+        if count:
+            metrics["val_loss"] = total / count
+    return metrics
 
 
 def _model_inputs(batch: dict[str, Any], pin: int | None) -> dict[str, Any]:
@@ -228,10 +272,19 @@ def adapter_loop(config: dict[str, Any]) -> None:
     iters = {s: _cycle(ray.train.get_dataset_shard(f"train_{s}" if run.pinned else "train"),
                        per_worker, stage.seed * 7919 + rank * 101 + state["step"])
              for s in streams}
-    val_shards = {}
+    # validation (sweeps): one mixed shard, or one shard per domain (pinned to its expert in a
+    # packed run) whose losses are averaged
+    val_shards, val_per_domain, val_pins = {}, {}, dict(pins)
     if config.get("validate"):
-        for s in streams:
-            val_shards[s] = ray.train.get_dataset_shard(f"val_{s}" if run.pinned else "val")
+        if run.pinned:
+            for s in streams:
+                val_per_domain[s] = ray.train.get_dataset_shard(f"val_{s}")
+                val_pins[f"val_{s}"] = pins[s]
+        else:
+            for d in config.get("val_domains") or ():
+                val_per_domain[d] = ray.train.get_dataset_shard(f"val_{d}")
+            if not val_per_domain:
+                val_shards["train"] = ray.train.get_dataset_shard("val")
     board = config.get("board")
     pad_id = int(config.get("pad_id", 0))
 
@@ -270,14 +323,9 @@ def adapter_loop(config: dict[str, Any]) -> None:
                          loss=loss_val, trainable_parameters=n_trainable, world_size=world)
             metrics = {"step": step, "loss": loss_val, "tokens": state["tokens"],
                        "loop_seconds": state["loop_seconds"]}
-            if val_shards:
-                v = _validation_loss(model, val_shards, pins, per_worker)
-                if v is not None:
-                    if world > 1 and dist.is_initialized():
-                        t = torch.tensor([v])
-                        dist.all_reduce(t)
-                        v = float(t) / world
-                    metrics["val_loss"] = v
+            if val_shards or val_per_domain:
+                metrics.update(_validation_metrics(model, val_shards, val_pins, per_worker,
+                                                   val_per_domain, world))
             if rank != 0:
                 ray.train.report(metrics, checkpoint=None)
                 continue

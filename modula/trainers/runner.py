@@ -25,7 +25,8 @@ from modula.trainers.loop import EXPERTS_DIR, _expert_file, adapter_loop
 from modula.trainers.plan import StageRun, plan_stage, stage_runs, workspace_key
 from modula.trainers.progress import FitJob, ProgressBoard, fit_many_with_progress
 
-__all__ = ["RunCost", "StageError", "train", "run_stage", "publish", "add_domain", "RUNS_PREFIX"]
+__all__ = ["RunCost", "StageError", "train", "run_stage", "run_datasets", "publish", "add_domain",
+           "RUNS_PREFIX"]
 
 RUNS_PREFIX = "runs/train"
 
@@ -103,9 +104,20 @@ def _run_datasets(cfg: ModulaConfig, run: StageRun, storage: Storage, tok_dir: P
         train = read_dataset(storage, list(run.data), "train").random_shuffle(seed=section.seed)
     out["train"] = tok(train).materialize()
     if validate:
+        # one validation set per domain: the loop reports each domain's loss and their
+        # average (the paper's checkpoint selection rule), which ranks sweep trials
         val_domains = [d for d in run.data if d != "general"] or list(run.data)
-        out["val"] = tok(read_dataset(storage, val_domains, "validation")).materialize()
+        for d in val_domains:
+            out[f"val_{d}"] = tok(read_dataset(storage, d, "validation")).materialize()
     return out
+
+
+def run_datasets(cfg: ModulaConfig, run: StageRun, storage: Storage | None = None,
+                 validate: bool = False) -> dict[str, Any]:
+    """The materialized Ray Data inputs of ``run`` (``run_stage(datasets=...)`` takes them: a
+    sweep builds them once for all its trials)."""
+    storage = storage or Storage(cfg.storage)
+    return _run_datasets(cfg, run, storage, _tokenizer_dir(cfg, storage), validate)
 
 
 # ------------------------------------------------------------------------------------ runs
@@ -126,7 +138,9 @@ def _trainer(cfg: ModulaConfig, run: StageRun, storage: Storage, datasets: dict[
     return TorchTrainer(
         adapter_loop,
         train_loop_config={"cfg": cfg, "run": run, "inputs_dir": inputs_dir, "board": board,
-                           "pad_id": pad_id, "validate": validate},
+                           "pad_id": pad_id, "validate": validate,
+                           "val_domains": sorted(k[4:] for k in datasets
+                                                 if k.startswith("val_") and not run.pinned)},
         scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -198,9 +212,16 @@ def _collect(result: Any, run: StageRun, storage: Storage, work_key: str, wall: 
 
 def run_stage(cfg: ModulaConfig, runs: list[StageRun], storage: Storage | None = None,
               name: str | None = None, console: Any | None = None, show_progress: bool = True,
-              validate: bool = False, callbacks: list[Any] | None = None) -> list[RunCost]:
+              validate: bool = False, callbacks: list[Any] | None = None,
+              output_name: str | None = None,
+              datasets: dict[str, Any] | None = None) -> list[RunCost]:
     """Run one wave of independent runs (side by side as resources allow); their experts land
-    in the workspace. Returns the cost of each run."""
+    in the workspace. Returns the cost of each run.
+
+    ``output_name``: write the runs' experts and costs to that name's workspace instead of
+    ``name``'s, which still provides the earlier stages' experts (a sweep's trials).
+    ``datasets``: prebuilt inputs (:func:`run_datasets`) every run of the wave uses.
+    """
     from rich.console import Console
 
     from modula.cluster.connect import connect
@@ -226,8 +247,9 @@ def run_stage(cfg: ModulaConfig, runs: list[StageRun], storage: Storage | None =
             for run in wave:
                 board = ProgressBoard(f"modula-progress-{run.name}-{os.getpid()}").create()
                 boards.append(board)
-                datasets = _run_datasets(cfg, run, storage, tok_dir, validate)
-                trainer = _trainer(cfg, run, storage, datasets, inputs_dir, board, pad_id,
+                run_data = datasets if datasets is not None else _run_datasets(
+                    cfg, run, storage, tok_dir, validate)
+                trainer = _trainer(cfg, run, storage, run_data, inputs_dir, board, pad_id,
                                    validate, callbacks)
 
                 def fit(trainer: Any = trainer, run: StageRun = run,
@@ -249,7 +271,8 @@ def run_stage(cfg: ModulaConfig, runs: list[StageRun], storage: Storage | None =
                 for b in boards:
                     b.close()
             for run, result in zip(wave, results, strict=True):
-                costs.append(_collect(result, run, storage, work_key, starts[run.name],
+                out_key = workspace_key(cfg, output_name, variant) if output_name else work_key
+                costs.append(_collect(result, run, storage, out_key, starts[run.name],
                                       cfg.stages.get(run.section).scaling.num_workers))
     return costs
 

@@ -1,0 +1,75 @@
+"""`modula tune`: a Ray Tune sweep over one stage, every trial a Ray Train run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from modula.cluster.options import ConfigOpt, SetOpt
+
+
+def _source_raw(config: Path | None, sets: list[str]) -> dict[str, Any] | None:
+    """The config file as written (``${ENV}`` kept) with the --set overrides applied."""
+    import yaml
+
+    from modula.cluster.config import DEFAULT_CONFIG_PATH, apply_overrides
+
+    path = config or (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None)
+    raw = (yaml.safe_load(path.read_text()) or {}) if path else {}
+    return apply_overrides(raw, list(sets))
+
+
+def tune_cmd(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    stage: Annotated[str | None, typer.Option(
+        "--stage", help="universal | domain:<name> | router | lora | molora "
+                        "(default: tune.stage)")] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Finish the sweep of this name after its driver died.")] = False,
+    fresh: Annotated[bool, typer.Option(
+        "--fresh", help="Delete a sweep of this name and start over.")] = False,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Where the table, plot and best.yaml go "
+                               "(default: <eval.output_dir>/tune/<sweep>).")] = None,
+    name: Annotated[str | None, typer.Option(
+        help="Registry name whose workspace feeds the stage (default: serve.model_name).")] = None,
+) -> None:
+    """Sweep a stage's hyperparameters on Ray Tune (ASHA on the validation loss); write the
+    ranked trials, a plot and the best trial as a config file."""
+    import ray
+
+    from modula.cluster.config import ConfigError
+    from modula.cluster.options import load_or_exit
+    from modula.model.builtin import BaseModelMissing
+    from modula.trainers.runner import StageError
+    from modula.tuning.sweep import SweepError, run_sweep
+
+    sets = list(set_ or []) + ([f"tune.stage={stage}"] if stage else [])
+    cfg = load_or_exit(config, sets)
+    err = Console(stderr=True, soft_wrap=True)
+    console = Console()
+    console.rule(f"[bold]modula tune --stage {cfg.tune.stage}")
+    # run_sweep checks the stage's inputs before it connects (a missing expert fails fast) and
+    # joins or starts Ray; a Ray this command started is shut down at the end
+    started = not ray.is_initialized()
+    try:
+        result = run_sweep(cfg, storage=None, name=name, resume=resume, fresh=fresh,
+                           output_dir=output, console=console,
+                           source_raw=_source_raw(config, sets))
+    except (SweepError, StageError, ConfigError, ValueError, FileNotFoundError,
+            BaseModelMissing) as exc:
+        err.print(f"[bold red]tune failed[/]: {exc}", highlight=False, markup=False)
+        raise typer.Exit(1) from None
+    finally:
+        if started and ray.is_initialized():
+            ray.shutdown()
+    if result.best is None:
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("tune")(tune_cmd)
