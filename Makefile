@@ -20,7 +20,7 @@ demo: setup
 	$(VENV)/bin/modula demo --config configs/default.yaml
 
 test: setup
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=15
 
 lint: setup
 	$(VENV)/bin/ruff check modula tests benchmarks
