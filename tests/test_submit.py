@@ -237,7 +237,7 @@ def _modula(*args: str) -> subprocess.Popen:
 
 
 SLEEPER = (f"{shlex.quote(sys.executable)} -c \"import time; print('tick', flush=True); "
-           "time.sleep(120)\"")
+           "time.sleep(1800)\"")
 
 
 @pytest.mark.integration
