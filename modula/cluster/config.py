@@ -188,7 +188,7 @@ class ClusterConfig(_Section):
 class StorageConfig(_Section):
     """Where datasets, run directories and the expert registry live."""
 
-    root: str = "./runs"
+    root: str = Field(default="./runs", validate_default=True)
     endpoint: str | None = None
     region: str = "us-east-1"
     access_key_id: SecretStr | None = None
@@ -214,7 +214,9 @@ class StorageConfig(_Section):
                     f"{bucket!r} is not a valid S3 bucket name (3-63 lowercase letters, digits, '.' or '-')"
                 )
             return v.rstrip("/")
-        return v
+        # A relative path means "relative to where modula runs": resolved here, on the driver,
+        # because Ray Train workers and Serve replicas run in other working directories.
+        return os.path.abspath(os.path.expanduser(v))
 
     @field_validator("access_key_id", "secret_access_key", mode="before")
     @classmethod
