@@ -77,3 +77,21 @@ def test_cluster_command_starts_local_ray_and_prints_resources():
     assert "CPU" in res.stdout
     row = next(ln for ln in res.stdout.splitlines() if " CPU " in ln)
     assert row.split()[-2] == "3", row
+
+
+def test_a_taken_dashboard_port_moves_to_a_free_one():
+    """Two local Rays on one machine (a demo next to a test session): the second one's
+    dashboard must not collide with the first's 8265, or ray.init refuses to start."""
+    import socket
+
+    from modula.cluster.connect import dashboard_port
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        taken = held.getsockname()[1]
+        other = dashboard_port(taken)
+        assert other != taken and 1024 <= other <= 65535
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", other))  # really free
+    assert dashboard_port(taken) == taken  # free again once released

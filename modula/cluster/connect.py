@@ -35,6 +35,27 @@ def ray_init_kwargs(cluster: ClusterConfig) -> dict[str, Any]:
     return kw
 
 
+def dashboard_port(wanted: int) -> int:
+    """`wanted` if it is free on loopback, else a free port: another local Ray (a second
+    `modula` command, a test session) may hold the default 8265, and Ray refuses to start."""
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", wanted))
+            return wanted
+        except OSError:
+            pass
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    import logging
+
+    logging.getLogger(__name__).warning("dashboard port %d is taken; the dashboard of this "
+                                        "local Ray is on %d", wanted, port)
+    return port
+
+
 def connect(cluster: ClusterConfig) -> dict[str, float]:
     """Start (``local``) or join (any other address) Ray; returns the cluster's resources.
 
@@ -54,10 +75,13 @@ def connect(cluster: ClusterConfig) -> dict[str, float]:
             f"cluster.address {cluster.address!r} is the Jobs API of a cluster: run this command "
             "there with `modula submit`, or set cluster.address to ray://HOST:10001 or HOST:6379"
         )
+    kw = ray_init_kwargs(cluster)
     if cluster.is_local:
         for k, v in _LOCAL_ENV.items():
             os.environ.setdefault(k, v)
-    ray.init(**ray_init_kwargs(cluster))
+        if kw.get("include_dashboard"):
+            kw["dashboard_port"] = dashboard_port(cluster.dashboard_port)
+    ray.init(**kw)
     return ray.cluster_resources()
 
 
