@@ -110,11 +110,20 @@ def scores(result: Any) -> dict[str, Any]:
     }
 
 
-class Journal:
-    """One JSON file per finished step under ``<root>/paper``: a rerun skips what is done."""
+def journal_name(args: argparse.Namespace) -> str:
+    import hashlib
 
-    def __init__(self, root: Path):
-        self.dir = root / "paper"
+    extra = "\n".join(sorted(args.set or []))
+    return f"steps{args.steps}-batch{args.batch_size}-examples{args.examples}" + (
+        f"-{hashlib.sha256(extra.encode()).hexdigest()[:8]}" if extra else "")
+
+
+class Journal:
+    """One JSON file per finished step under ``<root>/paper/<settings>``: a rerun with the same
+    settings skips what is done; other settings start their own journal."""
+
+    def __init__(self, root: Path, settings: str):
+        self.dir = root / "paper" / settings
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def get(self, key: str) -> dict[str, Any] | None:
@@ -139,7 +148,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     cfg = base_config(args)
     storage = Storage(cfg.storage)
-    journal = Journal(Path(args.root))
+    journal = Journal(Path(args.root), journal_name(args))
     reserved = [d.name for d in cfg.domains if d.reserved]
     if len(reserved) != 1:
         raise SystemExit(f"the experiment needs exactly one reserved domain, got {reserved}")
