@@ -21,8 +21,10 @@ import datetime as _dt
 import os
 import re
 import shlex
+import signal
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -303,12 +305,30 @@ def follow_job(client: Any, submission_id: str, out: Callable[[str], None],
             streamed += len(chunk)
             out(chunk)
 
+    # Our own SIGINT handler while the logs stream: asyncio.run's would only cancel the tail,
+    # and a log client that turns the cancellation into an ordinary end of stream would leave
+    # us waiting for the job instead of stopping it.
+    interrupted = False
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        nonlocal interrupted
+        interrupted = True
+        raise KeyboardInterrupt
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         asyncio.run(tail())
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # the log stream broke: keep waiting for the status
         note(f"log stream interrupted ({exc}); waiting for the job to finish")
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        raise KeyboardInterrupt
     info = _wait_terminal(client, submission_id)
     status = _status(info)
     code = getattr(info, "driver_exit_code", None)
