@@ -30,6 +30,17 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda it: 1 if it.get_closest_marker("integration") else 0)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: torch's threads only add overhead (and contention on a busy 2-core box)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -22,13 +22,7 @@ from modula.kernels import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: threads only add overhead (and contention on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_case(seed: int, kind: str, n: int, tokens: int, d_in: int, d_out: int, rows: int = 1):

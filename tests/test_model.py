@@ -19,13 +19,7 @@ from modula.cluster.config import RouterConfig
 from modula.model import ModulaLinear, ModulaModel, attach_modula, mean_gate_per_expert
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: threads only add overhead (and contention on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 VARIANTS = ("lora", "molora", "flan", "res")
 EXPECTED_LAYERS = {"llama": 14, "qwen2": 14, "mistral": 14, "gpt2": 8, "gpt_neox": 8}
