@@ -21,7 +21,6 @@ from modula.kernels import (
     triton_available,
 )
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

@@ -23,7 +23,6 @@ from modula.model import (
     save_experts,
 )
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

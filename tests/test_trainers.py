@@ -28,7 +28,7 @@ SPLITS = {"train": 48, "validation": 8, "test": 8}
 
 def _raw(root: str, steps: int = 3, **stage_extra) -> dict:
     stage = {"steps": steps, "batch_size": 4, "warmup_steps": 1, "checkpoint_every": 2,
-             "max_failures": 1, **stage_extra}
+             "max_failures": 1, "scaling": {"num_workers": 1, "cpus_per_worker": 1}, **stage_extra}
     return {
         "storage": {"root": root},
         "cluster": {"dashboard": False},

@@ -27,7 +27,7 @@ SPLITS = {"train": 48, "validation": 8, "test": 8}
 
 def _raw(root: str, steps: int = 6, tune: dict | None = None) -> dict:
     stage = {"steps": steps, "batch_size": 4, "warmup_steps": 1, "checkpoint_every": 50,
-             "max_failures": 0}
+             "max_failures": 0, "scaling": {"num_workers": 1, "cpus_per_worker": 1}}
     return {
         "storage": {"root": root},
         "cluster": {"dashboard": False},

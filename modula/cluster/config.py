@@ -444,13 +444,18 @@ class StageConfig(_Section):
 
 # Each stage's own defaults; a partial section in a file or a --set keeps the rest of them.
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "pretrain": {"steps": 400, "batch_size": 16, "lr": 3e-3, "warmup_steps": 40,
-                 "checkpoint_every": 100, "scaling": {"num_workers": 1, "cpus_per_worker": 2}},
-    "universal": {"steps": 200, "lr": 1e-3},
-    "domain": {"steps": 200, "lr": 1e-3},
-    "router": {"steps": 100, "lr": 3e-3},
-    "lora": {"steps": 400, "lr": 1e-3},
-    "molora": {"steps": 400, "lr": 1e-3},
+    # Sized so that `make demo` (all of it, on a fresh 2-core machine) fits in 20 minutes: a run
+    # alone on the machine takes both cores; the domain experts train side by side, one core each.
+    "pretrain": {"steps": 200, "batch_size": 16, "lr": 3e-3, "warmup_steps": 20,
+                 "checkpoint_every": 50, "scaling": {"num_workers": 1, "cpus_per_worker": 2}},
+    "universal": {"steps": 80, "lr": 1e-3, "warmup_steps": 8,
+                  "scaling": {"num_workers": 1, "cpus_per_worker": 2}},
+    "domain": {"steps": 80, "lr": 1e-3, "warmup_steps": 8},
+    "router": {"steps": 50, "lr": 3e-3, "warmup_steps": 5,
+               "scaling": {"num_workers": 1, "cpus_per_worker": 2}},
+    # the baselines' budget: universal + 3 domain experts + router steps, on all data mixed
+    "lora": {"steps": 370, "lr": 1e-3, "scaling": {"num_workers": 1, "cpus_per_worker": 2}},
+    "molora": {"steps": 370, "lr": 1e-3, "scaling": {"num_workers": 1, "cpus_per_worker": 2}},
 }
 
 
