@@ -26,8 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -112,6 +114,9 @@ def scores(result: Any) -> dict[str, Any]:
         "domains": {d: (r.score if r.score is not None else r.perplexity)
                     for d, r in result.domains.items()},
         "metrics": {d: r.metric for d, r in result.domains.items()},
+        # response perplexity of every domain: at small budgets the exact-match scores sit at
+        # the floor and this is where the variants differ
+        "perplexities": {d: r.perplexity for d, r in result.domains.items()},
     }
 
 
@@ -147,12 +152,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from modula.cluster.connect import ray_session
     from modula.data.build import ensure_data
     from modula.eval.run import run_eval
+    from modula.infra.registry import Registry, published_name
     from modula.infra.storage import Storage
+    from modula.model import load_modula
+    from modula.model.builtin import load_base_model
     from modula.trainers.pretrain import run_pretrain
     from modula.trainers.runner import add_domain, train
 
     cfg = base_config(args)
     storage = Storage(cfg.storage)
+    registry = Registry(storage)
     journal = Journal(Path(args.root), journal_name(args))
     reserved = [d.name for d in cfg.domains if d.reserved]
     if len(reserved) != 1:
@@ -160,9 +169,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     new_domain = reserved[0]
     t0 = time.time()
 
-    def evaluate(vcfg: Any, variant: str) -> dict[str, Any]:
-        result, _ = run_eval(vcfg, storage, variant=variant, save=False, gates=False)
-        return scores(result)
+    def evaluate(vcfg: Any, variant: str, without: str | None = None) -> dict[str, Any]:
+        """Scores of the model `vcfg` publishes: its latest version, or (``without``) the
+        latest one that does not yet have that expert (a model before the addition)."""
+        if variant == "base":
+            result, _ = run_eval(vcfg, storage, variant="base", save=False, gates=False)
+            return scores(result)
+        name = published_name(vcfg, variant)
+        version = registry.latest_version(name)
+        while without and version and without in registry.show(name, version).experts:
+            version -= 1
+        if not version:
+            raise SystemExit(f"{name}: no published version to evaluate"
+                             + (f" without {without!r}" if without else ""))
+        base_model, tok = load_base_model(vcfg, storage)
+        local = registry.fetch(name, version, dest=Path(tempfile.mkdtemp(prefix="paper-eval-")))
+        try:
+            model = load_modula(base_model, local.path).eval()
+            result, _ = run_eval(vcfg, storage, variant=variant, model=model, tokenizer=tok,
+                                 save=False, gates=False, model_name=f"{name}@v{version}")
+        finally:
+            shutil.rmtree(local.path, ignore_errors=True)
+        return {**scores(result), "model": name, "version": version}
 
     with ray_session(cfg.cluster):
         ensure_data(cfg, storage)
@@ -183,7 +211,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                   show_progress=not args.quiet)
                     journal.put(key, {"seed": seed, "variant": variant, "cost": cost_summary(costs),
                                       "train_seconds": round(time.time() - t, 1),
-                                      "scores": evaluate(vcfg, variant)})
+                                      "scores": evaluate(vcfg, variant, without=new_domain)})
                 key_add = f"s{seed}-{variant}-added"
                 if variant == "lora" or journal.get(key_add) is not None:
                     continue
@@ -198,12 +226,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     _, costs = add_domain(vcfg, new_domain, storage=storage, console=console,
                                           show_progress=not args.quiet)
                     acfg = variant_config(cfg, variant, seed, added=True)
-                    acfg = acfg.model_copy(update={"serve": acfg.serve.model_copy(
-                        update={"model_name": vcfg.serve.model_name})})
+                    acfg = _published_as(acfg, vcfg)
                 journal.put(key_add, {"seed": seed, "variant": variant,
                                       "cost": cost_summary(costs),
                                       "train_seconds": round(time.time() - t, 1),
                                       "scores": evaluate(acfg, variant)})
+        # entries written before the journal kept per-domain perplexities: score them again
+        # from the registry (the same published versions, so the other scores do not change)
+        stale = [k for k, e in journal.all().items() if "perplexities" not in e["scores"]]
+        for key in stale:
+            console.rule(f"re-scoring {key} (per-domain perplexities)")
+            entry = journal.get(key)
+            if key == "base":
+                entry["scores"] = evaluate(variant_config(cfg, "res", 0, added=True), "base")
+            else:
+                seed, variant = int(entry["seed"]), entry["variant"]
+                added = key.endswith("-added")
+                vcfg = variant_config(cfg, variant, seed, added=added)
+                if added and variant != "molora":
+                    vcfg = _published_as(vcfg, variant_config(cfg, variant, seed))
+                entry["scores"] = evaluate(vcfg, variant,
+                                           without=None if added else new_domain)
+            journal.put(key, entry)
     data = summarize(journal.all(), new_domain)
     data["settings"] = {
         "seeds": args.seeds, "steps": args.steps, "router_steps": max(1, args.steps // 2),
@@ -214,6 +258,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": round(time.time() - t0, 1),
     }
     return data
+
+
+def _published_as(cfg: Any, other: Any) -> Any:
+    """`cfg` under `other`'s registry name (a domain added to a model publishes a new version of
+    that model)."""
+    return cfg.model_copy(update={"serve": cfg.serve.model_copy(
+        update={"model_name": other.serve.model_name})})
 
 
 def _cpus() -> int:
@@ -267,8 +318,10 @@ def summarize(entries: dict[str, dict[str, Any]], new_domain: str) -> dict[str, 
             ratios[variant] = {m: _ms([p.get(m) for p in per_seed]) for m in per_seed[0]}
     # the old domains' scores before and after the addition, per seed
     drift: dict[str, Any] = {}
+    ppl_drift: dict[str, Any] = {}
     for variant in ("molora", "flan", "res"):
         deltas: dict[str, list[float]] = {}
+        rel: dict[str, list[float]] = {}
         for k, e in entries.items():
             if k.endswith(f"-{variant}-added"):
                 before = entries.get(f"s{e['seed']}-{variant}")
@@ -278,9 +331,16 @@ def summarize(entries: dict[str, dict[str, Any]], new_domain: str) -> dict[str, 
                     after = e["scores"]["domains"].get(d)
                     if d != new_domain and v is not None and after is not None:
                         deltas.setdefault(d, []).append(after - v)
+                for d, v in (before["scores"].get("perplexities") or {}).items():
+                    after = (e["scores"].get("perplexities") or {}).get(d)
+                    if d != new_domain and v and after:
+                        rel.setdefault(d, []).append(100 * (after / v - 1))
         if deltas:
             drift[variant] = {d: _ms(v) for d, v in deltas.items()}
+        if rel:
+            ppl_drift[variant] = {d: _ms(v) for d, v in rel.items()}
     return {"rows": rows, "add_cost_vs_molora_retrain": ratios, "old_domain_change": drift,
+            "old_domain_perplexity_change_pct": ppl_drift,
             "metrics": base["metrics"], "new_domain": new_domain}
 
 
@@ -290,10 +350,14 @@ def _flat(s: dict[str, Any], new_domain: str) -> dict[str, float | None]:
     old = [v for d, v in s["domains"].items()
            if d not in ("general", new_domain) and s["metrics"][d] != "perplexity"
            and v is not None]
+    ppl = s.get("perplexities") or {}
+    old_ppl = [v for d, v in ppl.items() if d not in ("general", new_domain) and v]
     out = {"domain_average": statistics.fmean(old) if old else None,
            "general_perplexity": s["general_perplexity"],
-           "domain_perplexity": s["domain_perplexity"]}
+           "domain_perplexity": s["domain_perplexity"],
+           "old_domain_perplexity": statistics.geometric_mean(old_ppl) if old_ppl else None}
     out.update({f"domain:{d}": v for d, v in s["domains"].items()})
+    out.update({f"ppl:{d}": v for d, v in ppl.items()})
     return out
 
 
@@ -315,16 +379,26 @@ def tables(data: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]
     header = ["model", "old-domain avg (score %) ↑", *(f"{d} ({unit[metrics[d]]})" for d in domains),
               "general (ppl ↓)"]
     body = []
-    for name, label in [("base", LABELS["base"]), *((v, LABELS[v]) for v in VARIANTS),
-                        *((f"{v}-added", f"{LABELS[v]} + {data['new_domain']}")
-                          for v in ("molora", "flan", "res"))]:
-        if name not in rows:
-            continue
+    for name, label in _row_labels(data):
         s = rows[name]["scores"]
         body.append([label, _fmt(s.get("domain_average")),
                      *(_fmt(s.get(f"domain:{d}"), 1) for d in domains),
                      _fmt(s.get("general_perplexity"))])
     out.append(("Scores (mean ± std over seeds; test split)", header, body))
+
+    old = [d for d in domains if d != data["new_domain"]]
+    header = ["model", f"old domains ({', '.join(old)}), geo-mean", *domains, "general"]
+    body = []
+    for name, label in _row_labels(data):
+        s = rows[name]["scores"]
+        if s.get("old_domain_perplexity", {}).get("mean") is None:
+            continue
+        body.append([label, _fmt(s.get("old_domain_perplexity")),
+                     *(_fmt(s.get(f"ppl:{d}")) for d in domains),
+                     _fmt(s.get("general_perplexity"))])
+    if body:
+        out.append(("Response perplexity per domain (↓; prompt tokens masked; mean ± std)",
+                    header, body))
 
     header = ["adding " + data["new_domain"], "runs", "trainable parameters", "tokens",
               "worker-seconds", "vs MoLoRA retrain (params / worker-s / tokens)"]
@@ -347,7 +421,21 @@ def tables(data: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]
     body = [[LABELS[v], *(_fmt(data["old_domain_change"][v].get(d), 2) for d in old)]
             for v in ("molora", "flan", "res") if v in data["old_domain_change"]]
     out.append(("Old domains before → after (after − before; ppl for code)", header, body))
+    change = data.get("old_domain_perplexity_change_pct") or {}
+    if change:
+        header = ["response perplexity change after adding " + data["new_domain"] + " (%)", *old]
+        body = [[LABELS[v], *(_fmt(change[v].get(d), 2) for d in old)]
+                for v in ("molora", "flan", "res") if v in change]
+        out.append(("Old domains' response perplexity, after / before − 1 (%)", header, body))
     return out
+
+
+def _row_labels(data: dict[str, Any]) -> list[tuple[str, str]]:
+    """(row key, label) of every model in the results, in table order."""
+    names = [("base", LABELS["base"]), *((v, LABELS[v]) for v in VARIANTS),
+             *((f"{v}-added", f"{LABELS[v]} + {data['new_domain']}")
+               for v in ("molora", "flan", "res"))]
+    return [(n, label) for n, label in names if n in data["rows"]]
 
 
 def print_tables(data: dict[str, Any]) -> None:
@@ -386,21 +474,28 @@ def plot(data: dict[str, Any], path: Path) -> Path:
 
     rows = data["rows"]
     names = [n for n in ("base", *VARIANTS) if n in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    colors = ["#999", "#6a9fd4", "#e49b4b", "#7cbf7c", "#c25b5b"][: len(names)]
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.8))
     ax = axes[0]
     means = [rows[n]["scores"]["domain_average"]["mean"] or 0 for n in names]
     stds = [rows[n]["scores"]["domain_average"]["std"] or 0 for n in names]
-    ax.bar([LABELS[n] for n in names], means, yerr=stds, capsize=4,
-           color=["#999", "#6a9fd4", "#e49b4b", "#7cbf7c", "#c25b5b"][: len(names)])
+    ax.bar([LABELS[n] for n in names], means, yerr=stds, capsize=4, color=colors)
     ax.set_title("domain average (score %), mean ± std")
     ax.tick_params(axis="x", rotation=20)
     ax = axes[1]
+    old = [rows[n]["scores"].get("old_domain_perplexity") or {} for n in names]
+    ax.bar([LABELS[n] for n in names], [o.get("mean") or 0 for o in old],
+           yerr=[o.get("std") or 0 for o in old], capsize=4, color=colors)
+    ax.set_yscale("log")
+    ax.set_title("old domains: response perplexity, geo-mean (lower is better)")
+    ax.tick_params(axis="x", rotation=20)
+    ax = axes[2]
     gp = [rows[n]["scores"]["general_perplexity"]["mean"] or 0 for n in names]
     gs = [rows[n]["scores"]["general_perplexity"]["std"] or 0 for n in names]
     ax.bar([LABELS[n] for n in names], gp, yerr=gs, capsize=4, color="#8888cc")
     ax.set_title("general ability: held-out perplexity (lower is better)")
     ax.tick_params(axis="x", rotation=20)
-    ax = axes[2]
+    ax = axes[3]
     added = [v for v in ("molora", "flan", "res") if f"{v}-added" in rows]
     ws = [rows[f"{v}-added"]["cost"]["worker_seconds"]["mean"] for v in added]
     tp = [rows[f"{v}-added"]["cost"]["trainable_parameters"]["mean"] for v in added]

@@ -34,6 +34,7 @@ def run_demo(config: Path | None, sets: list[str] | None) -> None:
     from modula.trainers.runner import train
 
     t0 = time.time()
+    phases: dict[str, float] = {}
     console.rule("[bold]modula demo")
     cfg = load_or_exit(config, sets)
     console.print(
@@ -43,17 +44,22 @@ def run_demo(config: Path | None, sets: list[str] | None) -> None:
     storage = Storage(cfg.storage)
     with ray_session(cfg.cluster) as resources:
         _print_resources(cfg, resources)
+        phases["start Ray"] = time.time() - t0
+        mark = time.time()
         console.rule("1. data")
         ensure_data(cfg, storage)
         console.print(f"built-in suite and splits in {storage.uri('data')}")
+        mark = _phase(phases, "1. data", mark)
         if cfg.model.is_builtin:
             console.rule("2. base model (stage 0)")
             res = run_pretrain(cfg, storage, console=console)
             console.print(f"base model: {res.parameters:,} parameters"
                           + (" (reused)" if res.cached else f", trained in {res.train_seconds:.0f}s"))
+            mark = _phase(phases, "2. base model", mark)
         console.rule(f"3. MoDULA-{cfg.modula.variant}: universal -> domain experts -> router")
         costs = train(cfg, "all", storage=storage, console=console)
         console.print(f"{len(costs)} runs, {sum(c.worker_seconds for c in costs):.0f} worker-seconds")
+        mark = _phase(phases, "3. three stages", mark)
         console.rule("4. evaluation")
         results = {}
         for variant in ("base", cfg.modula.variant):
@@ -62,9 +68,31 @@ def run_demo(config: Path | None, sets: list[str] | None) -> None:
         console.print(render_table(results))
         files = write_report(storage, Path(cfg.eval.output_dir))
         console.print("report: " + ", ".join(str(p) for p in files.values()))
+        mark = _phase(phases, "4. evaluation + report", mark)
         console.rule("5. serving")
         serve_and_query(cfg, storage)
-    console.rule(f"[green]demo finished in {time.time() - t0:.0f}s")
+        _phase(phases, "5. serve + query", mark)
+    phases["total"] = time.time() - t0
+    _print_phases(phases)
+    console.rule(f"[green]demo finished in {phases['total']:.0f}s")
+
+
+def _phase(phases: dict[str, float], name: str, since: float) -> float:
+    now = time.time()
+    phases[name] = now - since
+    return now
+
+
+def _print_phases(phases: dict[str, float]) -> None:
+    """Where the time went: the first thing to look at when the demo is slower than expected."""
+    from rich.table import Table
+
+    table = Table(title="demo wall time")
+    table.add_column("phase")
+    table.add_column("seconds", justify="right")
+    for name, seconds in phases.items():
+        table.add_row(name, f"{seconds:.0f}")
+    console.print(table)
 
 
 def serve_and_query(cfg: ModulaConfig, storage: Storage) -> None:
