@@ -18,6 +18,7 @@ from rich.console import Console
 
 if TYPE_CHECKING:
     from modula.cluster.config import ModulaConfig
+    from modula.eval.evaluate import DomainResult
     from modula.infra.storage import Storage
 
 console = Console()
@@ -63,7 +64,9 @@ def run_demo(config: Path | None, sets: list[str] | None) -> None:
         console.rule("4. evaluation")
         results = {}
         for variant in ("base", cfg.modula.variant):
-            result, _ = run_eval(cfg, storage, variant=variant)
+            with console.status(f"evaluating {variant} on {len(cfg.domains)} domains "
+                                f"({cfg.eval.max_examples} test examples each)"):
+                result, _ = run_eval(cfg, storage, variant=variant, on_domain=_show_domain)
             results[variant] = result
         console.print(render_table(results))
         files = write_report(storage, Path(cfg.eval.output_dir))
@@ -75,6 +78,12 @@ def run_demo(config: Path | None, sets: list[str] | None) -> None:
     phases["total"] = time.time() - t0
     _print_phases(phases)
     console.rule(f"[green]demo finished in {phases['total']:.0f}s")
+
+
+def _show_domain(r: DomainResult) -> None:
+    from modula.eval.report import domain_line
+
+    console.print(domain_line(r))
 
 
 def _phase(phases: dict[str, float], name: str, since: float) -> float:

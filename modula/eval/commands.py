@@ -28,7 +28,7 @@ def eval_cmd(
 ) -> None:
     """Evaluate one model on every configured domain and store its result."""
     from modula.cli import load_or_exit
-    from modula.eval.report import render_table
+    from modula.eval.report import domain_line, render_table
     from modula.eval.run import load_model_dir, run_eval
     from modula.infra.storage import Storage
     from modula.model.builtin import BaseModelMissing
@@ -46,8 +46,7 @@ def eval_cmd(
             row_name = name or model.name
 
         def show(r) -> None:
-            console.print(f"  {r.domain:<10} {r.metric:<12} n={r.n:<4} ppl={r.perplexity:8.2f}"
-                          + (f"  score={r.score:5.1f}%" if r.score is not None else ""))
+            console.print(domain_line(r))
 
         with console.status(f"evaluating {row_name}"):
             result, shares = run_eval(cfg, storage, variant=row_name, model=mdl, tokenizer=tok,

@@ -17,10 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from modula.eval.evaluate import GateShares, VariantResult
+from modula.eval.evaluate import DomainResult, GateShares, VariantResult
 from modula.infra.storage import Storage
 
 __all__ = [
+    "domain_line",
     "VARIANT_ORDER",
     "VARIANT_LABELS",
     "RESULTS_PREFIX",
@@ -145,6 +146,12 @@ def _row_cells(table: dict[str, Any], row: dict[str, Any]) -> list[str]:
 
 
 _TAIL = ["average %", "domain ppl", "general ppl"]
+
+
+def domain_line(r: DomainResult) -> str:
+    """One evaluated domain as a progress line."""
+    return (f"  {r.domain:<10} {r.metric:<12} n={r.n:<4} ppl={r.perplexity:8.2f}"
+            + (f"  score={r.score:5.1f}%" if r.score is not None else ""))
 
 
 def render_table(results: dict[str, VariantResult], title: str = "MoDULA comparison") -> Any:
