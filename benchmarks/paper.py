@@ -16,7 +16,7 @@ run); every score through ``modula eval``'s code. Results: tables of mean ± std
 stdout, ``benchmarks/results/paper.{json,md}`` and ``paper.png``. Each (seed, step) result is
 written as it lands under ``--root``, so an interrupted run continues where it stopped.
 
-    .venv/bin/python benchmarks/paper.py                      # 3 seeds, ~40 min on 2 cores
+    .venv/bin/python benchmarks/paper.py --steps 40 --batch-size 8 --examples 30  # the README's: ~16 min a seed, idle 2 cores
     .venv/bin/python benchmarks/paper.py --seeds 0 --steps 20 --examples 10   # a smoke run
     .venv/bin/python benchmarks/paper.py --from-json benchmarks/results/paper.json  # redraw
 """
