@@ -41,7 +41,7 @@ import torch.nn as nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from modula.cluster.config import ModulaLayerConfig  # noqa: E402
+from modula.config import ModulaLayerConfig  # noqa: E402
 from modula.model.layer import LayerState, ModulaLinear  # noqa: E402
 
 UNIVERSAL_RANK, DOMAIN_RANK, BATCH_ROWS = 16, 8, 32

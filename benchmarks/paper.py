@@ -51,7 +51,7 @@ LABELS = {"base": "base model", "lora": "single LoRA", "molora": "MoLoRA",
 
 
 def base_config(args: argparse.Namespace) -> Any:
-    from modula.cluster.config import load_config
+    from modula.config import load_config
 
     s = args.steps
     sets = [
@@ -75,7 +75,7 @@ def base_config(args: argparse.Namespace) -> Any:
 def variant_config(cfg: Any, variant: str, seed: int, added: bool = False) -> Any:
     """The config of one (variant, seed): its own registry name, the seed in every stage, and
     for the baselines the MoDULA budget (universal + n domains + router steps)."""
-    from modula.cluster.config import config_from_dict
+    from modula.config import config_from_dict
 
     raw = cfg.model_dump(mode="json")
     raw["modula"]["variant"] = variant
@@ -149,9 +149,9 @@ class Journal:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from modula.cluster.connect import ray_session
     from modula.data.build import ensure_data
     from modula.eval.run import run_eval
+    from modula.infra.connect import ray_session
     from modula.infra.registry import Registry, published_name
     from modula.infra.storage import Storage
     from modula.model import load_modula

@@ -58,7 +58,7 @@ def build_base(path: Path, size: str) -> None:
     architecture (``model.tiny``, or larger), saved as an ordinary HF model directory."""
     import pydoc_data.topics as topics
 
-    from modula.cluster.config import TinyModelConfig, load_config
+    from modula.config import TinyModelConfig, load_config
     from modula.data.tokenizer import train_tokenizer
     from modula.model.builtin import build_model
 
@@ -71,7 +71,7 @@ def build_base(path: Path, size: str) -> None:
 
 
 def make_config(root: Path, base: Path, port: int, threads: int = 1, **serve: Any) -> Any:
-    from modula.cluster.config import config_from_dict
+    from modula.config import config_from_dict
 
     return config_from_dict({
         "storage": {"root": str(root)},
@@ -127,7 +127,7 @@ def peft_app(cfg: Any, naive: bool) -> Any:
             import torch
             from peft import LoraConfig, get_peft_model
 
-            from modula.cluster.config import config_from_dict
+            from modula.config import config_from_dict
             from modula.model import default_targets
             from modula.model.builtin import load_base_model
 

@@ -61,7 +61,7 @@ for _k, _v in (("RAY_AUTH_MODE", "disabled"), ("RAY_USAGE_STATS_ENABLED", "0"),
 
 import yaml  # noqa: E402
 
-from modula.cluster.config import ModulaConfig, config_from_dict  # noqa: E402
+from modula.config import ModulaConfig, config_from_dict  # noqa: E402
 
 TARGET = 0.20  # add-domain cost over MoLoRA's, at most (the issue)
 PAPER_PARAMS, PAPER_DATA = 0.198, 0.373
@@ -438,8 +438,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from modula.cluster.connect import ray_init_kwargs
     from modula.data.build import ensure_data
+    from modula.infra.connect import ray_init_kwargs
     from modula.infra.storage import Storage
     from modula.trainers.plan import stage_runs
     from modula.trainers.pretrain import run_pretrain

@@ -17,8 +17,8 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from modula.cluster.config import ModulaConfig, redacted_dict
-from modula.cluster.options import ConfigOpt, SetOpt, load_or_exit
+from modula.config import ModulaConfig
+from modula.config.options import ConfigOpt, SetOpt, load_or_exit
 
 app = typer.Typer(
     name="modula",
@@ -52,7 +52,7 @@ def validate(
 ) -> None:
     """Check a config and print it resolved (secrets masked)."""
     cfg = load_or_exit(config, set_)
-    data = redacted_dict(cfg)
+    data = cfg.to_data(secrets="mask")
     if fmt == "yaml":
         sys.stdout.write(yaml.safe_dump(data, sort_keys=False))
         return
@@ -106,7 +106,7 @@ def render(
 @app.command()
 def cluster(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Connect to the configured Ray cluster and print its resources."""
-    from modula.cluster.connect import ray_session
+    from modula.infra.connect import ray_session
 
     cfg = load_or_exit(config, set_)
     with ray_session(cfg.cluster) as resources:

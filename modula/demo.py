@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 
 if TYPE_CHECKING:
-    from modula.cluster.config import ModulaConfig
+    from modula.config import ModulaConfig
     from modula.eval.evaluate import DomainResult
     from modula.infra.storage import Storage
 
@@ -26,10 +26,10 @@ console = Console()
 
 def run_demo(config: Path | None, sets: list[str] | None) -> None:
     from modula.cli import _print_resources, load_or_exit
-    from modula.cluster.connect import ray_session
     from modula.data.build import ensure_data
     from modula.eval.report import render_table, write_report
     from modula.eval.run import run_eval
+    from modula.infra.connect import ray_session
     from modula.infra.storage import Storage
     from modula.trainers.pretrain import run_pretrain
     from modula.trainers.runner import train

@@ -105,7 +105,7 @@ def s3_storage_config(endpoint: str, bucket: str | None = None, prefix: str | No
     """A StorageConfig for `bucket`/`prefix` (fresh random names by default) on `endpoint`."""
     import uuid
 
-    from modula.cluster.config import StorageConfig
+    from modula.config import StorageConfig
 
     bucket = bucket or f"modula-test-{uuid.uuid4().hex[:12]}"
     prefix = prefix if prefix is not None else f"p-{uuid.uuid4().hex[:8]}"

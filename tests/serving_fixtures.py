@@ -102,7 +102,7 @@ DOMAINS = ["code", "math", "units"]
 
 def serving_config(root: str | Path, base_dir: str | Path, **serve: Any):
     """A validated config serving `base_dir` with experts from the registry under `root`."""
-    from modula.cluster.config import config_from_dict
+    from modula.config import config_from_dict
 
     raw = {
         "storage": {"root": str(root)},

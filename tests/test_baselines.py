@@ -37,7 +37,7 @@ def _raw(root: str, base: str) -> dict:
 def baseline_setup(ray_local, tmp_path_factory):
     """A config file for a tiny random Llama (with the built-in tokenizer) saved like any HF
     model directory; the storage root is fresh for this module."""
-    from modula.cluster.config import config_from_dict
+    from modula.config import config_from_dict
     from modula.data.build import ensure_tokenizer
     from modula.data.tokenizer import load_tokenizer
     from modula.infra.storage import Storage

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modula.cluster.config import ModulaConfig, StorageConfig, TinyModelConfig
+from modula.config import ModulaConfig, StorageConfig, TinyModelConfig
 from modula.data.tokenizer import train_tokenizer
 from modula.infra.storage import Storage
 from modula.model.builtin import (

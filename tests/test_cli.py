@@ -84,7 +84,7 @@ def test_a_taken_dashboard_port_moves_to_a_free_one():
     dashboard must not collide with the first's 8265, or ray.init refuses to start."""
     import socket
 
-    from modula.cluster.connect import dashboard_port
+    from modula.infra.connect import dashboard_port
 
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))

@@ -8,14 +8,7 @@ import textwrap
 import pytest
 import yaml
 
-from modula.cluster.config import (
-    ConfigError,
-    ModulaConfig,
-    apply_overrides,
-    config_from_dict,
-    load_config,
-    redacted_dict,
-)
+from modula.config import ConfigError, ModulaConfig, apply_overrides, config_from_dict, load_config
 
 
 def _problems(raw: dict, overrides: list[str] | None = None) -> list[str]:
@@ -185,7 +178,7 @@ def test_secrets_are_never_printed(monkeypatch):
                     "secret_access_key": "very-secret"},
         "serve": {"api_keys": ["sk-abc"]},
     })
-    dumped = yaml.safe_dump(redacted_dict(cfg))
+    dumped = yaml.safe_dump(cfg.to_data())
     for secret in ("AKIA123", "very-secret", "sk-abc"):
         assert secret not in dumped
         assert secret not in repr(cfg) and secret not in str(cfg)

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from modula.cluster.config import DomainConfig, ModulaConfig, StorageConfig
+from modula.config import DomainConfig, ModulaConfig, StorageConfig
 from modula.data.build import build_data, build_domain, domain_fingerprint, ensure_data
 from modula.data.builtin import builtin_splits
 from modula.data.io import read_manifest, read_records, read_table, split_key

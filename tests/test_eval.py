@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from modula.cluster.config import DomainConfig, ModulaConfig, StorageConfig
+from modula.config import DomainConfig, ModulaConfig, StorageConfig
 from modula.data.tokenizer import train_tokenizer
 from modula.eval.evaluate import (
     DomainResult,

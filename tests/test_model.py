@@ -15,7 +15,7 @@ from test_model_common import (
 )
 from transformers.pytorch_utils import Conv1D
 
-from modula.cluster.config import RouterConfig
+from modula.config import RouterConfig
 from modula.model import ModulaLinear, ModulaModel, attach_modula, mean_gate_per_expert
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

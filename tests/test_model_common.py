@@ -20,7 +20,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from modula.cluster.config import ModulaLayerConfig, RouterConfig
+from modula.config import ModulaLayerConfig, RouterConfig
 
 VOCAB = 97
 FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "gpt_neox")

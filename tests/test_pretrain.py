@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from modula.cluster.config import ModulaConfig
+from modula.config import ModulaConfig
 from modula.infra.storage import Storage
 from modula.trainers.pretrain import (
     MetricsLog,
@@ -35,7 +35,7 @@ def test_lr_schedule_warms_up_then_decays():
 
 
 def test_metrics_log_round_trip(tmp_path):
-    from modula.cluster.config import StorageConfig
+    from modula.config import StorageConfig
 
     log = MetricsLog()
     log.log(step=1, loss=2.5)
@@ -75,7 +75,7 @@ def test_optimizer_groups_and_train_step_learns():
 
 
 def test_checkpoint_round_trip(tmp_path):
-    from modula.cluster.config import StageConfig
+    from modula.config import StageConfig
     from modula.trainers.pretrain import make_scheduler
 
     model = _tiny_llama()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from modula.cluster.config import StorageConfig
+from modula.config import StorageConfig
 from modula.infra.registry import (
     ExpertSpec,
     LocalModel,

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from modula.cluster.config import ModulaConfig, config_from_dict, load_config
 from modula.cluster.render import (
     CONFIG_FILE,
     TARGETS,
@@ -25,6 +24,7 @@ from modula.cluster.render import (
     render_objects,
     render_target,
 )
+from modula.config import ModulaConfig, config_from_dict, load_config
 
 # ray.io/v1 CRD spec fields (ray-operator/config/crd/bases, KubeRay v1.4)
 CRD_SPEC_FIELDS = {

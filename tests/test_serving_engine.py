@@ -53,7 +53,7 @@ def base(tmp_path_factory):
 def modula(base):
     from transformers import AutoModelForCausalLM
 
-    from modula.cluster.config import ModulaLayerConfig
+    from modula.config import ModulaLayerConfig
     from modula.model import attach_modula
 
     path, _, tok = base

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import S3_TEST_ACCESS_KEY, S3_TEST_SECRET_KEY, s3_storage_config
 
-from modula.cluster.config import StorageConfig, config_from_dict, redacted_dict
+from modula.config import StorageConfig, config_from_dict
 from modula.infra.storage import Storage, StorageError
 
 BACKENDS = ["local", pytest.param("s3", marks=pytest.mark.integration)]
@@ -153,9 +153,10 @@ def test_credentials_never_appear_in_repr_or_logs(s3_server, caplog):
         fs = st.arrow_filesystem()
         fs.get_file_info(st.arrow_path("k.txt"))
     shown = [repr(st), str(st), repr(cfg), str(cfg), repr(fs), str(missing.value),
-             repr(st.client), str(redacted_dict(config_from_dict({"storage": {
+             repr(st.client), str(config_from_dict({"storage": {
                  "root": cfg.root, "endpoint": s3_server,
-                 "access_key_id": S3_TEST_ACCESS_KEY, "secret_access_key": S3_TEST_SECRET_KEY}})))]
+                 "access_key_id": S3_TEST_ACCESS_KEY, "secret_access_key": S3_TEST_SECRET_KEY}
+             }).to_data())]
     assert caplog.records, "expected debug logs from boto3 to check"
     for text in shown:
         assert S3_TEST_SECRET_KEY not in text and S3_TEST_ACCESS_KEY not in text, text

@@ -17,7 +17,6 @@ import pytest
 import yaml
 from conftest import REPO_ROOT, free_port
 
-from modula.cluster.config import config_from_dict, load_config
 from modula.cluster.submit import (
     CONFIG_ENV,
     EXIT_STOPPED,
@@ -30,6 +29,7 @@ from modula.cluster.submit import (
     literal_secrets,
     run_job,
 )
+from modula.config import config_from_dict, load_config
 
 VENV_BIN = Path(sys.executable).parent
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modula.cluster.config import config_from_dict
+from modula.config import config_from_dict
 from modula.trainers.loop import (
     CheckpointError,
     load_adapter_checkpoint,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from modula.cluster.config import ConfigError, config_from_dict, load_config
+from modula.config import ConfigError, config_from_dict, load_config
 from modula.infra.storage import Storage
 from modula.tuning.space import apply_params, param_space, report_count, trial_config
 from modula.tuning.sweep import SweepError, SweepResult, TrialRow, _check_inputs, _search_alg

@@ -1,7 +1,8 @@
-"""The one config (schema, YAML, overrides), the Ray connection, job submission and the
-deploy files (Ray Serve config, KubeRay manifests, cluster launcher YAML) rendered from it."""
+"""The top layer beside the CLI: deploy files rendered from the config (Ray Serve config, KubeRay
+manifests, cluster launcher YAML) and ``modula submit`` (any command as a Ray job)."""
 
-from modula.cluster.config import ConfigError, ModulaConfig, config_from_dict, load_config
-from modula.cluster.connect import connect, ray_session
+from modula.cluster.render import TARGETS, RenderError, render_objects, render_target
+from modula.cluster.submit import SubmitError, build_job, run_job
 
-__all__ = ["ConfigError", "ModulaConfig", "config_from_dict", "connect", "load_config", "ray_session"]
+__all__ = ["TARGETS", "RenderError", "SubmitError", "build_job", "render_objects",
+           "render_target", "run_job"]

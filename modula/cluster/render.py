@@ -18,7 +18,8 @@ from typing import Any
 
 import yaml
 
-from modula.cluster.config import ModulaConfig, NodeType
+from modula.config import ModulaConfig
+from modula.config.schema import NodeType
 from modula.serving import topology
 
 __all__ = ["TARGETS", "RenderError", "render_target", "render_objects", "embedded_config"]
@@ -47,10 +48,7 @@ def _k8s_name(cfg: ModulaConfig) -> str:
 
 def embedded_config(cfg: ModulaConfig) -> dict[str, Any]:
     """The resolved config as plain data with every secret removed (not masked: removed)."""
-    data = cfg.model_dump(mode="json")
-    data["storage"].pop("access_key_id", None)
-    data["storage"].pop("secret_access_key", None)
-    data["serve"].pop("api_keys", None)
+    data = cfg.to_data(secrets="drop")
     # inside a cluster, Ray is already there: connect to it rather than start one
     data["cluster"]["address"] = "auto"
     return data

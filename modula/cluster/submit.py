@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modula.cluster.config import ModulaConfig
+from modula.config import ModulaConfig
 
 __all__ = [
     "DEFAULT_EXCLUDES",

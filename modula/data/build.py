@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from modula.cluster.config import DomainConfig, ModulaConfig
+from modula.config import DomainConfig, ModulaConfig
 from modula.data.builtin import (
     BUILDER_VERSION,
     CORPUS_MAX_CHARS,

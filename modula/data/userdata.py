@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from modula.cluster.config import DomainConfig, StorageConfig
+from modula.config import DomainConfig, StorageConfig
 from modula.data.builtin import Example
 from modula.infra.storage import Storage
 

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from modula.cluster.options import ConfigOpt, SetOpt
+from modula.config.options import ConfigOpt, SetOpt
 
 
 def _fail(msg: str) -> typer.Exit:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from modula.cluster.config import DomainConfig, ModulaConfig
+from modula.config import DomainConfig, ModulaConfig
 from modula.data.encode import IGNORE_INDEX, collate, encode_example
 from modula.data.tokenizer import render_prompt
 from modula.eval.metrics import (

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from modula.cluster.config import ModulaConfig
+from modula.config import ModulaConfig
 from modula.eval.evaluate import (
     DomainResult,
     GateShares,

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from modula.cluster.options import ConfigOpt, SetOpt
+from modula.config.options import ConfigOpt, SetOpt
 
 
 def _console(stderr: bool = False) -> Console:

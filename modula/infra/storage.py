@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from modula.cluster.config import StorageConfig
+from modula.config import StorageConfig
 
 __all__ = ["Storage", "StorageError"]
 

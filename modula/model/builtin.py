@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from modula.cluster.config import ModulaConfig, StorageConfig, TinyModelConfig
+from modula.config import ModulaConfig, StorageConfig, TinyModelConfig
 from modula.infra.storage import Storage
 
 __all__ = [

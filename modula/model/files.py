@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from modula.cluster.config import ModulaLayerConfig, RouterConfig
+from modula.config import ModulaLayerConfig, RouterConfig
 
 from .layer import ModulaLinear
 from .model import ModulaModel, attach_modula

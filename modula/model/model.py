@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from modula.cluster.config import ModulaLayerConfig
+from modula.config import ModulaLayerConfig
 
 from .layer import UNIVERSAL, LayerState, ModulaLinear
 from .targets import default_targets, find_targets

@@ -35,7 +35,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from modula.cluster.config import ConfigError, ModulaConfig, config_from_dict
+from modula.config import ConfigError, ModulaConfig, config_from_dict
 from modula.serving import topology
 from modula.serving.protocol import (
     APIError,
@@ -84,16 +84,7 @@ def replica_config(cfg: ModulaConfig) -> dict[str, Any]:
     """The config as plain data for the replicas: API keys removed (the ingress gets their
     hashes), storage credentials kept only if the config has them (a deployed file has none:
     its pods read them from the environment)."""
-    data = cfg.model_dump(mode="json")
-    data["serve"].pop("api_keys", None)
-    st = cfg.storage
-    if st.access_key_id is not None and st.secret_access_key is not None:
-        data["storage"]["access_key_id"] = st.access_key_id.get_secret_value()
-        data["storage"]["secret_access_key"] = st.secret_access_key.get_secret_value()
-    else:
-        data["storage"].pop("access_key_id", None)
-        data["storage"].pop("secret_access_key", None)
-    return data
+    return cfg.to_data(secrets="drop", reveal=("storage",))
 
 
 def _config(config: Mapping[str, Any] | ModulaConfig) -> ModulaConfig:

@@ -60,7 +60,7 @@ def deploy(cfg: Any, *, blocking: bool = False) -> str:
     returns the service's base URL."""
     from ray import serve
 
-    from modula.cluster.connect import connect
+    from modula.infra.connect import connect
     from modula.serving.app import build_graph, env_key_hashes
 
     connect(cfg.cluster)

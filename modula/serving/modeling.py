@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from modula.cluster.config import ModulaConfig
+from modula.config import ModulaConfig
 from modula.serving import topology
 from modula.serving.engine import ModelAdapter
 

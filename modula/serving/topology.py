@@ -6,7 +6,7 @@ deploys and the graph that runs always agree.
 
 from __future__ import annotations
 
-from modula.cluster.config import ModulaConfig
+from modula.config import ModulaConfig
 
 INGRESS = "Ingress"
 ROUTER = "Router"

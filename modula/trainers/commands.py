@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from modula.cluster.options import ConfigOpt, SetOpt
+from modula.config.options import ConfigOpt, SetOpt
 
 
 def pretrain_cmd(
@@ -19,7 +19,7 @@ def pretrain_cmd(
 ) -> None:
     """Pretrain the built-in base model with Ray Train (stage 0) and store it."""
     from modula.cli import load_or_exit
-    from modula.cluster.connect import ray_session
+    from modula.infra.connect import ray_session
     from modula.infra.storage import Storage
     from modula.trainers.pretrain import run_pretrain
 
@@ -79,7 +79,7 @@ def train_cmd(
 ) -> None:
     """Train a stage (or all three in order) on Ray Train and publish the complete model."""
     from modula.cli import load_or_exit
-    from modula.cluster.connect import ray_session
+    from modula.infra.connect import ray_session
     from modula.model.builtin import BaseModelMissing
     from modula.trainers.plan import STAGE_CHOICES
     from modula.trainers.runner import StageError, train
@@ -112,7 +112,7 @@ def add_domain_cmd(
 ) -> None:
     """Plug a new domain into the published model: its expert, then the routers; nothing else."""
     from modula.cli import load_or_exit
-    from modula.cluster.connect import ray_session
+    from modula.infra.connect import ray_session
     from modula.infra.registry import RegistryError
     from modula.trainers.runner import StageError, add_domain
 

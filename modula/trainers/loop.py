@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from modula.cluster.config import ModulaConfig
+from modula.config import ModulaConfig
 from modula.trainers.plan import StageRun
 
 __all__ = ["CheckpointError", "adapter_loop", "save_adapter_checkpoint", "load_adapter_checkpoint",

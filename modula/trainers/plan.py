@@ -18,7 +18,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from modula.cluster.config import ModulaConfig, StageConfig
+from modula.config import ModulaConfig, StageConfig
 
 __all__ = ["StageRun", "STAGE_CHOICES", "plan_stage", "stage_runs", "workspace_key", "model_name"]
 

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modula.cluster.config import ModulaConfig, StageConfig
+from modula.config import ModulaConfig, StageConfig
 from modula.infra.storage import Storage
 from modula.trainers.loop import lr_at
 from modula.trainers.progress import ProgressBoard, fit_with_progress
@@ -319,9 +319,9 @@ def run_pretrain(cfg: ModulaConfig, storage: Storage | None = None, force: bool 
     from ray.train.torch import TorchTrainer
     from rich.console import Console
 
-    from modula.cluster.connect import connect
     from modula.data.build import ensure_data, ensure_tokenizer
     from modula.data.tokenizer import load_tokenizer
+    from modula.infra.connect import connect
     from modula.model.builtin import (
         MARKER,
         build_model,

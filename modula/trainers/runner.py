@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modula.cluster.config import DomainConfig, ModulaConfig
+from modula.config import DomainConfig, ModulaConfig
 from modula.infra.storage import Storage
 from modula.trainers.loop import EXPERTS_DIR, _expert_file, adapter_loop
 from modula.trainers.plan import StageRun, plan_stage, stage_runs, workspace_key
@@ -224,9 +224,9 @@ def run_stage(cfg: ModulaConfig, runs: list[StageRun], storage: Storage | None =
     """
     from rich.console import Console
 
-    from modula.cluster.connect import connect
     from modula.data.build import ensure_data
     from modula.data.tokenizer import load_tokenizer
+    from modula.infra.connect import connect
 
     console = console or Console()
     storage = storage or Storage(cfg.storage)

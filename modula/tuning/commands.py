@@ -8,14 +8,14 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from modula.cluster.options import ConfigOpt, SetOpt
+from modula.config.options import ConfigOpt, SetOpt
 
 
 def _source_raw(config: Path | None, sets: list[str]) -> dict[str, Any] | None:
     """The config file as written (``${ENV}`` kept) with the --set overrides applied."""
     import yaml
 
-    from modula.cluster.config import DEFAULT_CONFIG_PATH, apply_overrides
+    from modula.config import DEFAULT_CONFIG_PATH, apply_overrides
 
     path = config or (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None)
     raw = (yaml.safe_load(path.read_text()) or {}) if path else {}
@@ -42,8 +42,8 @@ def tune_cmd(
     ranked trials, a plot and the best trial as a config file."""
     import ray
 
-    from modula.cluster.config import ConfigError
-    from modula.cluster.options import load_or_exit
+    from modula.config import ConfigError
+    from modula.config.options import load_or_exit
     from modula.model.builtin import BaseModelMissing
     from modula.trainers.runner import StageError
     from modula.tuning.sweep import SweepError, run_sweep

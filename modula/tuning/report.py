@@ -11,14 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from modula.cluster.config import (
-    TUNE_TARGETS,
-    ModulaConfig,
-    apply_overrides,
-    config_from_dict,
-    load_config,
-    tune_section,
-)
+from modula.config import ModulaConfig, apply_overrides, config_from_dict, load_config
+from modula.config.tuning import tune_section, tune_target
 
 if TYPE_CHECKING:
     from modula.tuning.sweep import SweepResult
@@ -175,7 +169,7 @@ def best_config_text(result: SweepResult, cfg: ModulaConfig,
         raw = copy.deepcopy(source_raw)
         sets = []
         for k, v in best.params.items():
-            p = ".".join(x.replace("{section}", section) for x in TUNE_TARGETS[k])
+            p = ".".join(tune_target(k, result.stage))
             sets.append(f"{p}={yaml.safe_dump(coerce_value(k, v), default_flow_style=True)}"
                         .replace("\n...\n", "").strip())
         st = result.best_config.stages.get(section)
@@ -183,11 +177,8 @@ def best_config_text(result: SweepResult, cfg: ModulaConfig,
         raw = apply_overrides(raw, sets)
         config_from_dict(copy.deepcopy(raw), source="(best config)")  # validates
     else:
-        raw = result.best_config.model_dump(mode="json")
         # secrets are not written: give them through the environment (${VAR} in the file)
-        raw["storage"].pop("access_key_id", None)
-        raw["storage"].pop("secret_access_key", None)
-        raw["serve"]["api_keys"] = []
+        raw = result.best_config.to_data(secrets="drop")
         header.append("# secrets (storage keys, serve.api_keys) are not written here")
     return "\n".join(header) + "\n" + yaml.safe_dump(raw, sort_keys=False)
 

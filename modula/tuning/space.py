@@ -9,15 +9,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from modula.cluster.config import (
-    TUNE_INTEGER,
-    TUNE_TARGETS,
-    ConfigError,
-    ModulaConfig,
-    SearchDimension,
-    config_from_dict,
-    tune_section,
-)
+from modula.config import ConfigError, ModulaConfig, config_from_dict
+from modula.config.schema import SearchDimension
+from modula.config.tuning import TUNE_INTEGER, TUNE_TARGETS, tune_section, tune_target
 
 __all__ = ["param_space", "apply_params", "trial_config", "stage_plan", "max_steps",
            "report_count", "coerce_value"]
@@ -87,7 +81,7 @@ def apply_params(cfg: ModulaConfig, stage: str, params: dict[str, Any]) -> Modul
         raise ConfigError([f"tune.space: cannot tune {unknown} "
                            f"(allowed: {', '.join(TUNE_TARGETS)})"])
     for key, value in params.items():
-        path = [p.replace("{section}", section) for p in TUNE_TARGETS[key]]
+        path = tune_target(key, stage)
         node = raw
         for p in path[:-1]:
             node = node[p]

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from modula.cluster.config import ConfigError, ModulaConfig, config_from_dict
+from modula.config import ConfigError, ModulaConfig, config_from_dict
 from modula.infra.storage import Storage
 from modula.tuning.space import (
     max_steps,
@@ -167,7 +167,7 @@ def _check_inputs(cfg: ModulaConfig, storage: Storage, stage: str, name: str | N
 
 def _concurrency(cfg: ModulaConfig, stage: str, resources: dict[str, float]) -> int:
     """``max_concurrent_trials``, capped by how many trials' Train runs fit the cluster."""
-    from modula.cluster.config import tune_section
+    from modula.config.tuning import tune_section
 
     st = cfg.stages.get(tune_section(stage)).scaling
     res = cfg.tune.resources
@@ -239,8 +239,8 @@ def run_sweep(cfg: ModulaConfig, stage: str | None = None, storage: Storage | No
     import ray.tune
     from rich.console import Console
 
-    from modula.cluster.connect import connect
     from modula.data.build import ensure_data
+    from modula.infra.connect import connect
     from modula.model.builtin import resolve_base_dir
     from modula.trainers.runner import run_datasets
     from modula.tuning.report import write_outputs
@@ -318,7 +318,7 @@ def run_sweep(cfg: ModulaConfig, stage: str | None = None, storage: Storage | No
 
 def _collect(cfg: ModulaConfig, storage: Storage, stage: str, sweep: str, path: str,
              grid: Any, resumed: bool) -> SweepResult:
-    from modula.cluster.config import tune_section
+    from modula.config.tuning import tune_section
     from modula.tuning.space import apply_params
 
     metric, mode = cfg.tune.metric_name, cfg.tune.mode_name

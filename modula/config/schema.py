@@ -1,62 +1,57 @@
-"""The one config: a pydantic v2 schema, YAML loading, ``${ENV}`` interpolation, ``--set`` overrides.
+"""The schema of the one config file: every section, its defaults and its checks (pydantic v2).
 
-Every command takes a :class:`ModulaConfig`. Problems are collected and reported as
-``field.path: what is wrong (allowed: ...)`` lines by :class:`ConfigError`, so a CLI can print
-them without a traceback.
+A config is validated whole: field rules, then the checks across sections (domains named by the
+stages, the router's ``top_k`` against the experts, the tune section through
+:func:`modula.config.tuning.check_tune`). :meth:`ModulaConfig.to_data` is the one way a config
+becomes plain data for printing or writing, with its secrets masked, dropped or revealed.
+Loading a file (YAML, ``${ENV}``, ``--set``) is :mod:`modula.config.loader`.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import typing
-from pathlib import Path
+from collections.abc import Collection
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     SecretStr,
-    TypeAdapter,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
-__all__ = [
-    "ConfigError",
-    "ModulaConfig",
-    "ClusterConfig",
-    "StorageConfig",
-    "ModelConfig",
-    "TinyModelConfig",
-    "ModulaLayerConfig",
-    "RouterConfig",
-    "DomainConfig",
-    "StagesConfig",
-    "StageConfig",
-    "ScalingConfigSpec",
-    "TuneConfig",
-    "SearchDimension",
-    "SchedulerSpec",
-    "TrialResources",
-    "TUNABLE",
-    "TUNE_STAGES",
-    "tune_section",
-    "ServeConfig",
-    "AutoscalingSpec",
-    "EvalConfig",
-    "load_config",
-    "config_from_dict",
-    "apply_overrides",
-    "redacted_dict",
-    "DEFAULT_CONFIG_PATH",
-]
+from modula.config.names import DOMAIN_NAME, MODEL_NAME, SERVED_NAME, SWEEP_NAME
+from modula.config.tuning import TUNABLE, check_tune
+from modula.errors import UnknownName
 
-# the embedded default: the schema's own defaults; configs/default.yaml spells them out
-DEFAULT_CONFIG_PATH = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
+__all__ = [
+    "BUILTIN_DOMAINS",
+    "SECRET_FIELDS",
+    "STAGE_NAMES",
+    "AutoscalingSpec",
+    "ClusterConfig",
+    "DomainConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "ModulaConfig",
+    "ModulaLayerConfig",
+    "NodeType",
+    "RouterConfig",
+    "ScalingConfigSpec",
+    "SchedulerSpec",
+    "SearchDimension",
+    "ServeConfig",
+    "StageConfig",
+    "StagesConfig",
+    "StorageConfig",
+    "TinyModelConfig",
+    "TrialResources",
+    "TuneConfig",
+    "default_domains",
+]
 
 Variant = Literal["lora", "molora", "flan", "res"]
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -64,9 +59,12 @@ KernelBackend = Literal["auto", "reference", "stacked", "triton"]
 Metric = Literal["exact_match", "accuracy", "perplexity"]
 BUILTIN_DOMAINS = ("general", "code", "math", "units", "headlines", "products")
 STAGE_NAMES = ("pretrain", "universal", "domain", "router", "lora", "molora")
+# the secrets of a config, as (section, field): never printed, never written to a rendered file
+SECRET_FIELDS = (("storage", "access_key_id"), ("storage", "secret_access_key"),
+                 ("serve", "api_keys"))
 
-_DOMAIN_NAME = r"^[a-z][a-z0-9_-]{0,31}$"
 _S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
 
 
 class _Section(BaseModel):
@@ -327,7 +325,7 @@ class RouterConfig(_Section):
 
 
 class ModulaLayerConfig(_Section):
-    """The adapted layer (PAPER.md); [ours] defaults are the fields with a comment."""
+    """The adapted layer (docs/method.md); [ours] defaults are the fields with a comment."""
 
     variant: Variant = "res"
     universal_rank: Annotated[int, Field(ge=1, le=1024)] = 16
@@ -375,7 +373,7 @@ class SplitSizes(_Section):
 class DomainConfig(_Section):
     """A domain: built-in (``source: builtin``) or user data (a local or s3:// path)."""
 
-    name: Annotated[str, Field(pattern=_DOMAIN_NAME)]
+    name: Annotated[str, Field(pattern=DOMAIN_NAME)]
     source: str = "builtin"
     format: Literal["auto", "parquet", "jsonl"] = "auto"
     prompt_column: str = "prompt"
@@ -487,50 +485,15 @@ class StagesConfig(_Section):
 
     def get(self, name: str) -> StageConfig:
         if name not in STAGE_NAMES:
-            raise KeyError(f"unknown stage {name!r} (allowed: {', '.join(STAGE_NAMES)})")
+            raise UnknownName(f"unknown stage {name!r} (allowed: {', '.join(STAGE_NAMES)})")
         return getattr(self, name)
 
 
 # --------------------------------------------------------------------------------------------
 # tune
 
-TUNABLE = (
-    "lr", "universal_rank", "domain_rank", "universal_alpha", "domain_alpha", "dropout",
-    "router_temperature", "router_top_k", "batch_size", "steps", "weight_decay",
-)
-
-# where each tunable lands in the config; "{section}" is the tuned stage's `stages` section
-TUNE_TARGETS: dict[str, tuple[str, ...]] = {
-    "lr": ("stages", "{section}", "lr"),
-    "batch_size": ("stages", "{section}", "batch_size"),
-    "steps": ("stages", "{section}", "steps"),
-    "weight_decay": ("stages", "{section}", "weight_decay"),
-    "universal_rank": ("modula", "universal_rank"),
-    "domain_rank": ("modula", "domain_rank"),
-    "universal_alpha": ("modula", "universal_alpha"),
-    "domain_alpha": ("modula", "domain_alpha"),
-    "dropout": ("modula", "dropout"),
-    "router_temperature": ("modula", "router", "temperature"),
-    "router_top_k": ("modula", "router", "top_k"),
-}
-# tunables whose values are whole numbers (a continuous distribution is rounded)
-TUNE_INTEGER = ("universal_rank", "domain_rank", "batch_size", "steps", "router_top_k")
-
-_COMMON = ("lr", "batch_size", "steps", "weight_decay", "dropout")
-# what each stage can tune: a value that the stage does not train (the rank of a frozen expert
-# it loads, the router of a stage without one) would be a no-op or a shape mismatch
-TUNABLE_BY_STAGE: dict[str, tuple[str, ...]] = {
-    "universal": (*_COMMON, "universal_rank", "universal_alpha"),
-    "domain": (*_COMMON, "domain_rank", "domain_alpha"),
-    "router": (*_COMMON, "router_temperature", "router_top_k"),
-    "lora": (*_COMMON, "universal_rank", "universal_alpha"),
-    "molora": (*_COMMON, "domain_rank", "domain_alpha", "router_temperature", "router_top_k"),
-}
-
-
-def tune_section(stage: str) -> str:
-    """The ``stages`` section a tune stage trains with (``domain:<name>`` -> ``domain``)."""
-    return "domain" if stage.startswith("domain:") else stage
+# --------------------------------------------------------------------------------------------
+# tune
 
 
 class SearchDimension(_Section):
@@ -595,7 +558,7 @@ class TuneConfig(_Section):
 
     stage: str = "router"
     # the experiment's name under <storage.root>/tune/ (None: <model>-<variant>-<stage>)
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")] | None = None
+    name: Annotated[str, Field(pattern=SWEEP_NAME)] | None = None
     num_samples: Annotated[int, Field(ge=1)] = 4
     max_concurrent_trials: Annotated[int, Field(ge=1)] = 2
     search_alg: Literal["random", "grid", "optuna"] = "random"
@@ -646,6 +609,7 @@ class TuneConfig(_Section):
         return self.mode or "min"
 
 
+
 # --------------------------------------------------------------------------------------------
 # serve
 
@@ -689,7 +653,7 @@ class ReplicaResources(_Section):
 
 class ServeConfig(_Section):
     app_name: str = "modula"
-    model_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")] = "modula"
+    model_name: Annotated[str, Field(pattern=SERVED_NAME)] = "modula"
     route_prefix: Annotated[str, Field(pattern=r"^/[A-Za-z0-9._/-]*$")] = "/"
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 8000
@@ -704,7 +668,7 @@ class ServeConfig(_Section):
     api_keys: list[SecretStr] = Field(default_factory=list)
     registry_poll_s: Annotated[float, Field(gt=0)] = 5.0
     # the registry model whose latest version is served; None = `model_name`
-    registry_model: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")] | None = None
+    registry_model: Annotated[str, Field(pattern=MODEL_NAME)] | None = None
     # serve the bare base model, no experts and no registry (a baseline; the serving benchmark)
     base_only: bool = False
     # a request body larger than this is refused with 413
@@ -730,15 +694,17 @@ class EvalConfig(_Section):
     max_examples: Annotated[int, Field(ge=1)] = 100
     max_new_tokens: Annotated[int, Field(ge=1)] = 32
     batch_size: Annotated[int, Field(ge=1)] = 16
-    output_dir: str = "reports"
+    # local folder of `modula report` / `modula tune` output: inside the default storage root
+    output_dir: str = "runs/reports"
     seeds: list[int] = Field(default_factory=lambda: [0])
+
 
 
 # --------------------------------------------------------------------------------------------
 # the whole file
 
 
-def _default_domains() -> list[DomainConfig]:
+def default_domains() -> list[DomainConfig]:
     return [
         DomainConfig(name="general", metric="perplexity"),
         DomainConfig(name="code", metric="perplexity"),
@@ -755,7 +721,7 @@ class ModulaConfig(_Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     modula: ModulaLayerConfig = Field(default_factory=ModulaLayerConfig)
-    domains: list[DomainConfig] = Field(default_factory=_default_domains)
+    domains: list[DomainConfig] = Field(default_factory=default_domains)
     stages: StagesConfig = Field(default_factory=StagesConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
@@ -788,62 +754,8 @@ class ModulaConfig(_Section):
             raise ValueError(
                 f"modula.router.top_k: {top_k} is more than the number of experts ({n_experts})"
             )
-        self._tune_checks()
+        check_tune(self)
         return self
-
-    def _tune_checks(self) -> None:
-        """The tune section against the rest: the stage, what it can tune, the metric, values."""
-        tune = self.tune
-        experts = self.expert_domains(include_reserved=True)
-        if tune.stage not in TUNE_STAGES and not (
-            tune.stage.startswith("domain:") and tune.stage[7:] in experts
-        ):
-            raise ValueError(
-                f"tune.stage: {tune.stage!r} is not a stage (allowed: "
-                f"{', '.join(TUNE_STAGES)}, domain:<one of {', '.join(experts)}>)"
-            )
-        section = tune_section(tune.stage)
-        allowed = TUNABLE_BY_STAGE[section]
-        wrong = sorted(set(tune.space) - set(allowed))
-        if wrong:
-            raise ValueError(
-                f"tune.space: stage {tune.stage!r} does not train {wrong} "
-                f"(allowed for this stage: {', '.join(allowed)})"
-            )
-        metrics = ["val_loss", "loss", *(f"val_loss_{d}" for d in
-                                          ("general", *experts) if d in {x.name for x in self.domains})]
-        if tune.metric is not None and tune.metric not in metrics:
-            raise ValueError(
-                f"tune.metric: {tune.metric!r} is not reported (allowed: {', '.join(metrics)})"
-            )
-        n_experts = len(self.expert_domains(include_reserved=True)) + (
-            1 if self.modula.variant == "flan" else 0
-        )
-        for key, dim in tune.space.items():
-            path = [p.replace("{section}", section) for p in TUNE_TARGETS[key]]
-            owner: Any = self
-            for p in path[:-1]:
-                owner = getattr(owner, p)
-            field = type(owner).model_fields[path[-1]]
-            adapter = TypeAdapter(Annotated[(field.annotation, *field.metadata)]
-                                  if field.metadata else field.annotation)
-            for v in dim.candidates():
-                if key in TUNE_INTEGER and isinstance(v, float) and v.is_integer():
-                    v = int(v)
-                if key in TUNE_INTEGER and dim.type in ("loguniform", "uniform", "qloguniform"):
-                    v = round(v)
-                try:
-                    adapter.validate_python(v)
-                except ValidationError as exc:
-                    msg = exc.errors(include_url=False)[0]["msg"]
-                    raise ValueError(
-                        f"tune.space.{key}: {v!r} is not a valid {'.'.join(path)} ({msg})"
-                    ) from None
-                if key == "router_top_k" and v is not None and v > n_experts:
-                    raise ValueError(
-                        f"tune.space.router_top_k: {v} is more than the number of experts "
-                        f"({n_experts})"
-                    )
 
     def expert_domains(self, include_reserved: bool = False) -> list[str]:
         """Domains that get a domain expert, in router order."""
@@ -856,242 +768,32 @@ class ModulaConfig(_Section):
         for d in self.domains:
             if d.name == name:
                 return d
-        raise KeyError(
+        raise UnknownName(
             f"unknown domain {name!r} (allowed: {', '.join(d.name for d in self.domains)})"
         )
 
 
-TUNE_STAGES = ("universal", "router", "lora", "molora")
+    def to_data(self, secrets: Literal["mask", "drop", "reveal"] = "mask",
+                reveal: Collection[str] = ()) -> dict[str, Any]:
+        """The resolved config as plain (JSON-able) data: the one way a config is printed or
+        written. ``secrets``: ``mask`` shows each secret as '**********', ``drop`` leaves it
+        out, ``reveal`` writes its value. ``reveal`` names sections (``storage``, ``serve``)
+        whose secrets are written in clear where they are set, whatever ``secrets`` says."""
+        data = self.model_dump(mode="json")
+        for section, name in SECRET_FIELDS:
+            value = getattr(getattr(self, section), name)
+            policy = "reveal" if section in reveal and value not in (None, []) else secrets
+            if policy == "drop":
+                data[section].pop(name, None)
+            elif policy == "reveal":
+                data[section][name] = _clear(value)
+        return data
 
 
-# --------------------------------------------------------------------------------------------
-# loading
+def _clear(value: Any) -> Any:
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, list):
+        return [_clear(v) for v in value]
+    return value
 
-
-class ConfigError(Exception):
-    """A config that does not validate; ``problems`` holds one readable line per problem."""
-
-    def __init__(self, problems: list[str], source: str | None = None):
-        self.problems = problems
-        self.source = source
-        head = f"invalid config{f' {source}' if source else ''}"
-        super().__init__(head + ":\n" + "\n".join(f"  {p}" for p in problems))
-
-
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def _interpolate(node: Any, path: str, problems: list[str]) -> Any:
-    if isinstance(node, dict):
-        return {k: _interpolate(v, f"{path}.{k}" if path else str(k), problems) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_interpolate(v, f"{path}.{i}", problems) for i, v in enumerate(node)]
-    if isinstance(node, str):
-        def sub(m: re.Match[str]) -> str:
-            name, default = m.group(1), m.group(2)
-            val = os.environ.get(name)
-            if val is None:
-                if default is not None:
-                    return default
-                problems.append(f"{path}: environment variable ${{{name}}} is not set")
-                return ""
-            return val
-
-        whole = _ENV.fullmatch(node)
-        out = _ENV.sub(sub, node)
-        # a value that is only "${VAR}" is re-read as YAML so numbers and booleans keep their type
-        if whole and out:
-            try:
-                parsed = yaml.safe_load(out)
-            except yaml.YAMLError:
-                return out
-            return parsed if isinstance(parsed, (int, float, bool)) else out
-        return out
-    return node
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A SafeLoader that refuses a key given twice in one mapping (YAML would keep the last)."""
-
-
-def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"key {key!r} is given twice", key_node.start_mark
-            )
-        seen.add(key)
-    return loader.construct_mapping(node, deep=deep)
-
-
-_UniqueKeyLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping
-)
-
-
-def _parse_override(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
-        raise ConfigError([f"--set {item!r}: expected key.path=value"])
-    key, raw = item.split("=", 1)
-    parts = [p for p in key.strip().split(".") if p]
-    if not parts:
-        raise ConfigError([f"--set {item!r}: empty key"])
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return parts, value
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides to a raw mapping. List items are named by index or ``name``."""
-    for item in overrides:
-        parts, value = _parse_override(item)
-        if parts[0] == "domains" and "domains" not in raw and len(parts) > 1:
-            # overriding one domain of the default list: start from that list
-            raw["domains"] = [d.model_dump() for d in _default_domains()]
-        node: Any = raw
-        for i, part in enumerate(parts):
-            last = i == len(parts) - 1
-            where = ".".join(parts[: i + 1])
-            if isinstance(node, list):
-                idx = _list_index(node, part)
-                if idx is None:
-                    if part.isdigit() and int(part) == len(node) and last:
-                        node.append(value)
-                        break
-                    if not part.isdigit() and not last:
-                        node.append({"name": part})
-                        idx = len(node) - 1
-                    else:
-                        raise ConfigError(
-                            [f"--set {item!r}: {where}: no list item with index or name {part!r}"]
-                        )
-                if last:
-                    node[idx] = value
-                else:
-                    node = node[idx]
-            elif isinstance(node, dict):
-                if last:
-                    node[part] = value
-                else:
-                    if node.get(part) is None:
-                        node[part] = {}
-                    node = node[part]
-            else:
-                raise ConfigError([f"--set {item!r}: {where} is a value, not a section"])
-    return raw
-
-
-def _list_index(items: list[Any], part: str) -> int | None:
-    if part.isdigit():
-        i = int(part)
-        return i if i < len(items) else None
-    for i, it in enumerate(items):
-        if isinstance(it, dict) and it.get("name") == part:
-            return i
-    return None
-
-
-def _field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
-    """The allowed field names at `loc` (the parent of an extra key), for error messages."""
-    cur: Any = model
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        if not (isinstance(cur, type) and issubclass(cur, BaseModel)):
-            return None
-        f = cur.model_fields.get(part)
-        if f is None:
-            return None
-        cur = _unwrap(f.annotation)
-    if isinstance(cur, type) and issubclass(cur, BaseModel):
-        return list(cur.model_fields)
-    return None
-
-
-def _unwrap(tp: Any) -> Any:
-    for arg in (typing.get_args(tp) or ()):
-        inner = _unwrap(arg)
-        if isinstance(inner, type) and issubclass(inner, BaseModel):
-            return inner
-    return tp
-
-
-def _format_errors(exc: ValidationError) -> list[str]:
-    lines = []
-    for err in exc.errors(include_url=False):
-        loc = tuple(err["loc"])
-        path = ".".join(str(p) for p in loc) or "(top level)"
-        msg = err["msg"]
-        if msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
-        if err["type"] == "extra_forbidden":
-            allowed = _field_names(ModulaConfig, loc[:-1])
-            msg = "unknown field" + (f" (allowed: {', '.join(allowed)})" if allowed else "")
-        elif err["type"] == "missing":
-            msg = "required field is missing"
-        elif err["type"] == "string_pattern_mismatch":
-            msg = f"{err.get('input')!r} does not match the pattern {err['ctx']['pattern']}"
-        elif "input" in err and err["type"] not in ("value_error", "assertion_error"):
-            shown = err["input"]
-            if isinstance(shown, (dict, list)):
-                shown = type(shown).__name__
-            msg = f"{msg} (got {shown!r})"
-        # a whole-file check names its own field path ("domains: ...")
-        if loc == () and re.match(r"^[a-z_]+(\.[A-Za-z0-9_:-]+)*: ", msg) and (
-            msg.split(".", 1)[0].split(":", 1)[0] in ModulaConfig.model_fields
-        ):
-            lines.append(msg)
-        else:
-            lines.append(f"{path}: {msg}")
-    return lines
-
-
-
-
-def config_from_dict(raw: dict[str, Any] | None, overrides: list[str] | None = None,
-                     source: str | None = None) -> ModulaConfig:
-    """Validate a raw mapping (after env interpolation and overrides) into a ModulaConfig."""
-    raw = dict(raw or {})
-    problems: list[str] = []
-    raw = _interpolate(raw, "", problems)
-    if problems:
-        raise ConfigError(problems, source)
-    if overrides:
-        raw = apply_overrides(raw, list(overrides))
-    try:
-        return ModulaConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(_format_errors(exc), source) from None
-
-
-def load_config(path: str | os.PathLike[str] | None = None,
-                overrides: list[str] | None = None) -> ModulaConfig:
-    """Read a YAML config file (default: the embedded default) and validate it."""
-    if path is None and not DEFAULT_CONFIG_PATH.exists():
-        return config_from_dict({}, overrides, source="(embedded default)")
-    p = Path(path) if path is not None else DEFAULT_CONFIG_PATH
-    if not p.exists():
-        raise ConfigError([f"config file {str(p)!r} does not exist"], str(p))
-    try:
-        raw = yaml.load(p.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError([f"YAML syntax error{where}: {problem}"], str(p)) from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(
-            [f"(top level): expected a mapping of sections, got {type(raw).__name__}"], str(p)
-        )
-    return config_from_dict(raw, overrides, source=str(p))
-
-
-def redacted_dict(cfg: ModulaConfig) -> dict[str, Any]:
-    """The resolved config as plain data, secrets shown as '**********'."""
-    return cfg.model_dump(mode="json")

@@ -1,5 +1,4 @@
-"""The options every command shares (``--config``, ``--set``) and loading the config at the
-edge of a command: a bad config prints one line per problem and exits 2, no traceback."""
+"""The options every command shares: ``--config FILE`` and ``--set a.b.c=value``."""
 
 from __future__ import annotations
 
@@ -7,11 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-from modula.cluster.config import ConfigError, ModulaConfig, load_config
-
-__all__ = ["ConfigOpt", "SetOpt", "load_or_exit"]
+__all__ = ["ConfigOpt", "SetOpt"]
 
 ConfigOpt = Annotated[
     Path | None,
@@ -23,8 +19,12 @@ SetOpt = Annotated[
 ]
 
 
-def load_or_exit(config: Path | None, sets: list[str] | None) -> ModulaConfig:
+def load_or_exit(config: Path | None, sets: list[str] | None):
     """Load the config or print its problems and exit 2."""
+    from rich.console import Console
+
+    from modula.config.loader import ConfigError, load_config
+
     try:
         return load_config(config, sets or [])
     except ConfigError as exc:

@@ -1,16 +1,25 @@
-"""Connecting to Ray from the config: one helper that every command uses."""
+"""Connecting to Ray from the config: one helper that every command and runner uses."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import socket
 from collections.abc import Iterator
 from typing import Any
 
-from modula.cluster.config import ClusterConfig
+from modula.config.schema import ClusterConfig
+from modula.errors import ModulaError
+
+__all__ = ["RayAddressError", "connect", "dashboard_port", "ray_init_kwargs", "ray_session"]
 
 # Local Ray on a laptop: no token auth (Ray >= 2.59 turns it on by default), no usage stats.
 _LOCAL_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+class RayAddressError(ModulaError, ConnectionError):
+    """``cluster.address`` names something this process cannot join."""
 
 
 def ray_init_kwargs(cluster: ClusterConfig) -> dict[str, Any]:
@@ -38,8 +47,6 @@ def ray_init_kwargs(cluster: ClusterConfig) -> dict[str, Any]:
 def dashboard_port(wanted: int) -> int:
     """`wanted` if it is free on loopback, else a free port: another local Ray (a second
     `modula` command, a test session) may hold the default 8265, and Ray refuses to start."""
-    import socket
-
     with socket.socket() as s:
         try:
             s.bind(("127.0.0.1", wanted))
@@ -49,8 +56,6 @@ def dashboard_port(wanted: int) -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    import logging
-
     logging.getLogger(__name__).warning("dashboard port %d is taken; the dashboard of this "
                                         "local Ray is on %d", wanted, port)
     return port
@@ -71,7 +76,7 @@ def connect(cluster: ClusterConfig) -> dict[str, float]:
         ray.init(address=os.environ["RAY_ADDRESS"], namespace=cluster.namespace)
         return ray.cluster_resources()
     if cluster.address.startswith(("http://", "https://")):
-        raise ConnectionError(
+        raise RayAddressError(
             f"cluster.address {cluster.address!r} is the Jobs API of a cluster: run this command "
             "there with `modula submit`, or set cluster.address to ray://HOST:10001 or HOST:6379"
         )
