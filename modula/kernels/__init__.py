@@ -5,15 +5,8 @@ test oracle), ``stacked`` (torch, the CPU default) or ``triton`` (fused kernels,
 default); ``auto`` chooses by device.
 """
 
-from .mixture import (
-    BACKENDS,
-    ExpertStack,
-    Residual,
-    expert_mixture,
-    resolve_backend,
-    stack_experts,
-    triton_available,
-)
+from .mixture import BACKENDS, expert_mixture, resolve_backend, triton_available
+from .types import ExpertStack, Residual, stack_experts
 
 __all__ = [
     "BACKENDS",

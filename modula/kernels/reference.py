@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .mixture import ExpertStack, Residual
+from .types import ExpertStack, Residual
 
 
 def reference_mixture(

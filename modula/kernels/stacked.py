@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .mixture import ExpertStack, Residual
+from .types import ExpertStack, Residual
 
 _PER_ROW_MIN_WORK = 48  # tokens per row x experts, above which gathering weights per row pays
 _GROUPED_MAX_DENSITY = 1 / 8

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .mixture import ExpertStack, Residual
+from .stacked import stacked_mixture
+from .types import ExpertStack, Residual
 
 _JIT_CACHE: dict[bool, dict[str, Any]] = {}
 
@@ -303,8 +304,6 @@ class _TritonMixture(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        from .stacked import stacked_mixture
-
         x, A, B, gates, ids, rA, rB = ctx.saved_tensors
         ranks, scaling, r_scaling, slope = ctx.meta
         need = ctx.needs_input_grad
