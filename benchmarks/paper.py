@@ -149,13 +149,14 @@ class Journal:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from modula.basemodel import load_base_model
     from modula.data.build import ensure_data
     from modula.eval.run import run_eval
     from modula.infra.connect import ray_session
-    from modula.infra.registry import Registry, published_name
+    from modula.infra.layout import published_name
+    from modula.infra.registry import Registry
     from modula.infra.storage import Storage
     from modula.model import load_modula
-    from modula.model.builtin import load_base_model
     from modula.trainers.pretrain import run_pretrain
     from modula.trainers.runner import add_domain, train
 

@@ -58,9 +58,9 @@ def build_base(path: Path, size: str) -> None:
     architecture (``model.tiny``, or larger), saved as an ordinary HF model directory."""
     import pydoc_data.topics as topics
 
+    from modula.basemodel import build_model
     from modula.config import TinyModelConfig, load_config
     from modula.data.tokenizer import train_tokenizer
-    from modula.model.builtin import build_model
 
     cfg = load_config(None)
     tiny = TinyModelConfig(**{**cfg.model.tiny.model_dump(), **SIZES[size]})
@@ -89,9 +89,9 @@ def publish(cfg: Any) -> None:
     """MoDULA-Res with random experts for every domain, published to the registry."""
     import torch
 
+    from modula.basemodel import load_base_model
     from modula.infra.registry import Registry
     from modula.model import attach_modula, save_experts
-    from modula.model.builtin import load_base_model
 
     base, _ = load_base_model(cfg)
     model = attach_modula(base, cfg.modula, DOMAINS)
@@ -127,9 +127,9 @@ def peft_app(cfg: Any, naive: bool) -> Any:
             import torch
             from peft import LoraConfig, get_peft_model
 
+            from modula.basemodel import load_base_model
             from modula.config import config_from_dict
             from modula.model import default_targets
-            from modula.model.builtin import load_base_model
 
             torch.set_num_threads(threads)
             c = config_from_dict(config)

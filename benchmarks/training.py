@@ -113,9 +113,9 @@ def with_new_domain(cfg: ModulaConfig, domain: str, molora_steps: int) -> Modula
 def random_base(cfg: ModulaConfig, storage: Any) -> tuple[ModulaConfig, int]:
     """The built-in tiny model, randomly initialised (``build_model``, seeded) with the built-in
     tokenizer, saved once as a Hugging Face folder in the store; the config pointed at it."""
+    from modula.basemodel import build_model, builtin_fingerprint, count_parameters
     from modula.data.build import ensure_tokenizer
     from modula.data.tokenizer import load_tokenizer
-    from modula.model.builtin import build_model, builtin_fingerprint, count_parameters
 
     tok = load_tokenizer(storage.uri(ensure_tokenizer(cfg, storage)))
     model = build_model(cfg.model.tiny, tok)
@@ -137,10 +137,9 @@ def wipe_runs(store: Path) -> None:
 def copy_expert(storage: Any, cfg: ModulaConfig, name: str, src_model: str, dst_model: str) -> None:
     """Seed a fresh workspace with an expert trained under another model name (the universal
     expert the Res domain runs build on)."""
-    from modula.trainers.loop import _expert_file
-    from modula.trainers.plan import workspace_key
+    from modula.infra.layout import expert_file, workspace_key
 
-    f = _expert_file(name)
+    f = expert_file(name)
     storage.write_bytes(f"{workspace_key(cfg, dst_model)}/{f}",
                         storage.read_bytes(f"{workspace_key(cfg, src_model)}/{f}"))
 
@@ -266,8 +265,8 @@ def param_ratio_by_domains(cfg: ModulaConfig, storage: Any, max_domains: int = 1
     MoLoRA with k experts + routers, from the model's structure (no training)."""
     from transformers.utils import logging as hf_logging
 
+    from modula.basemodel import load_base_model
     from modula.model import attach_modula
-    from modula.model.builtin import load_base_model
 
     hf_logging.disable_progress_bar()
     rows = []

@@ -113,7 +113,7 @@ def serve_and_query(cfg: ModulaConfig, storage: Storage) -> None:
     from rich.table import Table
 
     from modula.data.io import read_records
-    from modula.serving.commands import deploy, preflight
+    from modula.serving.deploy import deploy, preflight
 
     info = preflight(cfg)
     console.print(f"deploying {info['registry_model']} v{info['version']} "

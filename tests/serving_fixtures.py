@@ -159,10 +159,10 @@ def publish_model(cfg: Any, domains: list[str], seed: int = 0, workdir: str | Pa
     (version, model)."""
     import tempfile
 
+    from modula.basemodel import load_base_model
+    from modula.infra.layout import registry_model_name
     from modula.infra.registry import Registry
     from modula.model import attach_modula, save_experts
-    from modula.model.builtin import load_base_model
-    from modula.serving.modeling import registry_model_name
 
     if previous is None:
         base, _ = load_base_model(cfg)

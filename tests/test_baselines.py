@@ -37,11 +37,11 @@ def _raw(root: str, base: str) -> dict:
 def baseline_setup(ray_local, tmp_path_factory):
     """A config file for a tiny random Llama (with the built-in tokenizer) saved like any HF
     model directory; the storage root is fresh for this module."""
+    from modula.basemodel import build_model
     from modula.config import config_from_dict
     from modula.data.build import ensure_tokenizer
     from modula.data.tokenizer import load_tokenizer
     from modula.infra.storage import Storage
-    from modula.model.builtin import build_model
 
     root = tmp_path_factory.mktemp("baselines")
     base_dir = root / "tiny-base"
@@ -75,11 +75,11 @@ def _response_loss(model, tok, records, max_length: int) -> float:
 def test_lora_and_molora_baselines_train_publish_and_load_through_the_cli(baseline_setup):
     import torch
 
+    from modula.basemodel import load_base_model
     from modula.data.io import read_records
     from modula.eval.run import load_variant
     from modula.infra.registry import Registry
     from modula.infra.storage import Storage
-    from modula.model.builtin import load_base_model
 
     config_path, cfg = baseline_setup
     storage = Storage(cfg.storage)

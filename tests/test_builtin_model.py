@@ -5,10 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modula.config import ModulaConfig, StorageConfig, TinyModelConfig
-from modula.data.tokenizer import train_tokenizer
-from modula.infra.storage import Storage
-from modula.model.builtin import (
+from modula.basemodel import (
     BaseModelMissing,
     build_model,
     builtin_fingerprint,
@@ -17,6 +14,9 @@ from modula.model.builtin import (
     load_base_model,
     resolve_base_dir,
 )
+from modula.config import ModulaConfig, StorageConfig, TinyModelConfig
+from modula.data.tokenizer import train_tokenizer
+from modula.infra.storage import Storage
 
 TINY = TinyModelConfig(vocab_size=256, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                        intermediate_size=64, max_position_embeddings=128, seed=3)

@@ -11,8 +11,9 @@ import pytest
 from modula.config import DomainConfig, ModulaConfig, StorageConfig
 from modula.data.build import build_data, build_domain, domain_fingerprint, ensure_data
 from modula.data.builtin import builtin_splits
-from modula.data.io import read_manifest, read_records, read_table, split_key
+from modula.data.io import read_manifest, read_records, read_table
 from modula.data.userdata import UserDataError, read_source
+from modula.infra.layout import split_key
 from modula.infra.storage import Storage
 
 SMALL = {"train": 60, "validation": 10, "test": 10}

@@ -12,14 +12,8 @@ import torch
 
 from modula.config import ModulaConfig
 from modula.infra.storage import Storage
-from modula.trainers.pretrain import (
-    MetricsLog,
-    load_checkpoint,
-    lr_multiplier,
-    make_optimizer,
-    save_checkpoint,
-    train_step,
-)
+from modula.trainers.common import MetricsLog, lr_multiplier, make_optimizer, make_scheduler
+from modula.trainers.pretrain import load_pretrain_checkpoint, save_pretrain_checkpoint, train_step
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -76,7 +70,6 @@ def test_optimizer_groups_and_train_step_learns():
 
 def test_checkpoint_round_trip(tmp_path):
     from modula.config import StageConfig
-    from modula.trainers.pretrain import make_scheduler
 
     model = _tiny_llama()
     opt = make_optimizer(model, 1e-2)
@@ -86,11 +79,11 @@ def test_checkpoint_round_trip(tmp_path):
         train_step(model, batch, opt, sched)
     log = MetricsLog()
     log.log(step=3, loss=1.0)
-    save_checkpoint(tmp_path / "ck", model, opt, sched, 3, log)
+    save_pretrain_checkpoint(tmp_path / "ck", model, opt, sched, 3, log)
     fresh = _tiny_llama()
     fresh_opt = make_optimizer(fresh, 1e-2)
     fresh_sched = make_scheduler(fresh_opt, StageConfig(steps=20, warmup_steps=2))
-    step, log2 = load_checkpoint(tmp_path / "ck", fresh, fresh_opt, fresh_sched)
+    step, log2 = load_pretrain_checkpoint(tmp_path / "ck", fresh, fresh_opt, fresh_sched)
     assert step == 3 and log2.rows == log.rows
     for (n, a), (_, b) in zip(model.named_parameters(), fresh.named_parameters(), strict=True):
         assert torch.equal(a, b), n
@@ -126,10 +119,11 @@ def _pretrain_cfg(root) -> ModulaConfig:
 def test_short_pretraining_run_lowers_heldout_perplexity(ray_local, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from modula.basemodel import builtin_key, resolve_base_dir
     from modula.eval.report import write_report
     from modula.eval.run import run_eval
-    from modula.model.builtin import builtin_key, resolve_base_dir
-    from modula.trainers.pretrain import RUNS_PREFIX, run_pretrain
+    from modula.infra.layout import PRETRAIN_RUNS as RUNS_PREFIX
+    from modula.trainers.pretrain import run_pretrain
 
     cfg = _pretrain_cfg(tmp_path / "store")
     st = Storage(cfg.storage)

@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from modula.cli import app
 from modula.serving import topology
-from modula.serving.app import build_app, build_graph, deployment_options, replica_config
+from modula.serving.app import build_app, build_graph, replica_config
+from modula.serving.topology import deployment_options
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def test_serve_rejects_a_bad_config(tmp_path, base_dir):
 
 
 def test_preflight_reports_what_will_be_served(tmp_path, base_dir):
-    from modula.serving.commands import preflight
+    from modula.serving.deploy import preflight
 
     cfg = serving_config(tmp_path / "runs", base_dir, experts_per_deployment=2)
     version, _ = publish_model(cfg, DOMAINS)

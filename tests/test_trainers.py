@@ -13,12 +13,7 @@ import pytest
 import torch
 
 from modula.config import config_from_dict
-from modula.trainers.loop import (
-    CheckpointError,
-    load_adapter_checkpoint,
-    lr_at,
-    save_adapter_checkpoint,
-)
+from modula.trainers.common import CheckpointError, load_checkpoint, lr_at, save_checkpoint
 from modula.trainers.plan import plan_stage, stage_runs
 
 TINY = {"vocab_size": 512, "hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1,
@@ -100,10 +95,10 @@ def test_checkpoint_round_trip_and_every_corruption(tmp_path):
     ids = torch.randint(0, 64, (2, 8))
     m(input_ids=ids, labels=ids).loss.backward()
     opt.step()
-    save_adapter_checkpoint(tmp_path / "c", m, opt, {"step": 7, "tokens": 16})
+    save_checkpoint(tmp_path / "c", m, opt, {"step": 7, "tokens": 16})
     m2 = _tiny_modula()
     opt2 = torch.optim.AdamW([p for p in m2.parameters() if p.requires_grad], lr=0.1)
-    state = load_adapter_checkpoint(tmp_path / "c", m2, opt2)
+    state = load_checkpoint(tmp_path / "c", m2, opt2)
     assert state["step"] == 7
     for (n, p), (_, q) in zip(m.named_parameters(), m2.named_parameters(), strict=True):
         assert torch.equal(p, q), n
@@ -133,7 +128,7 @@ def test_checkpoint_round_trip_and_every_corruption(tmp_path):
             opt2 = torch.optim.AdamW([p for p in m2.parameters() if p.requires_grad], lr=0.1)
             match = "the stage or model changed"
         with pytest.raises(CheckpointError, match=match):
-            load_adapter_checkpoint(d, m2, opt2)
+            load_checkpoint(d, m2, opt2)
 
 
 # ------------------------------------------------------------------------------ integration
@@ -142,10 +137,10 @@ def test_checkpoint_round_trip_and_every_corruption(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
     """A tiny random Llama with the built-in tokenizer, saved like any HF model directory."""
+    from modula.basemodel import build_model
     from modula.data.build import ensure_tokenizer
     from modula.data.tokenizer import load_tokenizer
     from modula.infra.storage import Storage
-    from modula.model.builtin import build_model
 
     root = tmp_path_factory.mktemp("base-data")
     cfg = config_from_dict(_raw(str(root)))
@@ -309,7 +304,7 @@ def test_killed_worker_resumes_from_the_last_checkpoint(ray_local, tiny_base, tm
 @pytest.mark.integration
 def test_corrupt_checkpoint_or_expert_fails_clearly(ray_local, tiny_base, tmp_path):
     from modula.model import ExpertFileError
-    from modula.trainers.runner import StageError, publish, run_stage
+    from modula.trainers import StageError, publish, run_stage
 
     raw = _raw(str(tmp_path / "runs"), steps=4, max_failures=0)
     raw["model"]["base"] = str(tiny_base)

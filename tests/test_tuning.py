@@ -17,8 +17,9 @@ import yaml
 
 from modula.config import ConfigError, config_from_dict, load_config
 from modula.infra.storage import Storage
+from modula.tuning.results import SweepError, SweepResult, TrialRow
 from modula.tuning.space import apply_params, param_space, report_count, trial_config
-from modula.tuning.sweep import SweepError, SweepResult, TrialRow, _check_inputs, _search_alg
+from modula.tuning.sweep import _check_inputs, _search_alg
 
 TINY = {"vocab_size": 512, "hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1,
         "intermediate_size": 64}
@@ -235,9 +236,9 @@ def test_outputs_table_csv_markdown_plot_and_best_config(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
     """A tiny random Llama with the built-in tokenizer, saved like any HF model directory."""
+    from modula.basemodel import build_model
     from modula.data.build import ensure_tokenizer
     from modula.data.tokenizer import load_tokenizer
-    from modula.model.builtin import build_model
 
     root = tmp_path_factory.mktemp("tune-base-data")
     cfg = config_from_dict(_raw(str(root)))

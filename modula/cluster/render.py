@@ -64,33 +64,8 @@ def _needs_secrets(cfg: ModulaConfig) -> bool:
 def serve_config(cfg: ModulaConfig) -> dict[str, Any]:
     """A Ray Serve config file (the schema of ``serve deploy`` and RayService.serveConfigV2)."""
     s = cfg.serve
-
-    def autoscaling(spec: Any) -> dict[str, Any]:
-        out = spec.model_dump(exclude_none=True)
-        return out
-
-    deployments: list[dict[str, Any]] = [
-        {
-            "name": topology.INGRESS,
-            "autoscaling_config": autoscaling(s.ingress_autoscaling),
-            "ray_actor_options": {"num_cpus": 0.25},
-        },
-        {
-            "name": topology.ROUTER,
-            "autoscaling_config": autoscaling(s.router_autoscaling),
-            "ray_actor_options": {"num_cpus": 0.25},
-        },
-    ]
-    for name in topology.expert_deployment_names(cfg):
-        deployments.append({
-            "name": name,
-            "max_ongoing_requests": max(2 * s.batching.max_batch_size, 4),
-            "autoscaling_config": autoscaling(s.autoscaling),
-            "ray_actor_options": {
-                "num_cpus": s.resources.num_cpus,
-                "num_gpus": s.resources.num_gpus,
-            },
-        })
+    deployments = [{"name": name, **opts}
+                   for name, opts in topology.deployment_options(cfg).items()]
     app: dict[str, Any] = {
         "name": s.app_name,
         "route_prefix": s.route_prefix,

@@ -23,7 +23,6 @@ import re
 import shlex
 import signal
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -32,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modula.config import ModulaConfig
+from modula.config.schema import ModulaConfig
+from modula.infra.layout import scratch_dir
 
 __all__ = [
     "DEFAULT_EXCLUDES",
@@ -399,7 +399,7 @@ def job_main(argv: Sequence[str] | None = None) -> None:
     if text is None:
         print(f"modula.cluster.submit: ${CONFIG_ENV} is not set", file=sys.stderr)
         raise SystemExit(2)
-    tmpdir = Path(tempfile.mkdtemp(prefix="modula-job-"))
+    tmpdir = scratch_dir("job")
     cfg_file = tmpdir / "config.yaml"
     cfg_file.write_text(text)
     os.environ.pop(CONFIG_ENV, None)  # not inherited by what the command starts

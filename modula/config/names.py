@@ -14,6 +14,7 @@ __all__ = [
     "SERVED_NAME_RE",
     "SWEEP_NAME",
     "RESERVED_EXPERT_NAMES",
+    "expert_file",
 ]
 
 # a domain names an expert file (domain-<name>.safetensors) and a router row
@@ -31,3 +32,9 @@ SERVED_NAME_RE = re.compile(SERVED_NAME)
 
 # expert names that are not domains
 RESERVED_EXPERT_NAMES = ("universal", "routers", "router")
+
+
+def expert_file(name: str) -> str:
+    """The file of an expert in an experts folder or a workspace: ``universal.safetensors``,
+    ``routers.safetensors``, ``domain-<name>.safetensors``."""
+    return f"{name}.safetensors" if name in ("universal", "routers") else f"domain-{name}.safetensors"

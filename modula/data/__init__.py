@@ -21,12 +21,13 @@ from modula.data.encode import (
     pack,
     tokenized_dataset,
 )
-from modula.data.io import read_dataset, read_records, read_table, split_key
+from modula.data.io import DataMissing, read_dataset, read_records, read_table
 from modula.data.tokenizer import load_tokenizer, render_chat, render_prompt, render_response
 from modula.data.userdata import UserDataError
 
 __all__ = [
     "IGNORE_INDEX",
+    "DataMissing",
     "UserDataError",
     "build_data",
     "collate",
@@ -42,6 +43,5 @@ __all__ = [
     "render_chat",
     "render_prompt",
     "render_response",
-    "split_key",
     "tokenized_dataset",
 ]

@@ -12,12 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from modula.config import DomainConfig, ModulaConfig
+from modula.config.schema import DomainConfig, ModulaConfig
 from modula.data.builtin import (
     BUILDER_VERSION,
     CORPUS_MAX_CHARS,
@@ -28,15 +29,11 @@ from modula.data.builtin import (
     python_tag,
     split_examples,
 )
-from modula.data.io import (
-    CORPUS_SCHEMA,
-    manifest_key,
-    read_manifest,
-    read_table,
-    records_table,
-    split_key,
-    write_table,
-)
+from modula.data.io import CORPUS_SCHEMA, read_manifest, read_table, records_table, write_table
+from modula.data.tokenizer import train_tokenizer
+from modula.data.userdata import read_source
+from modula.errors import UnknownName
+from modula.infra.layout import data_manifest_key, split_key, tokenizer_key
 from modula.infra.storage import Storage
 
 __all__ = [
@@ -46,7 +43,6 @@ __all__ = [
     "ensure_data",
     "builtin_domain_config",
     "tokenizer_fingerprint",
-    "tokenizer_key",
     "ensure_tokenizer",
     "CORPUS_DOMAINS",
 ]
@@ -85,8 +81,6 @@ def _rows(domain: str, examples: list[Example]) -> list[dict[str, str]]:
 
 
 def _user_splits(domain: DomainConfig, storage: Storage) -> tuple[dict[str, list[Example]], str]:
-    from modula.data.userdata import read_source
-
     named, pool = read_source(domain, storage.cfg)
     sizes = domain.splits.model_dump()
     named = named or {}
@@ -152,7 +146,7 @@ def build_domain(domain: DomainConfig, storage: Storage, force: bool = False,
         manifest["corpus_chars"] = sum(len(t) for _, t in docs)
         manifest["held_out_groups"] = sorted(exclude)
     manifest["seconds"] = round(time.time() - t0, 2)
-    storage.write_text(manifest_key(domain.name), json.dumps(manifest, indent=2))
+    storage.write_text(data_manifest_key(domain.name), json.dumps(manifest, indent=2))
     return {**manifest, "cached": False}
 
 
@@ -176,7 +170,8 @@ def build_data(cfg: ModulaConfig, storage: Storage | None = None, domains: list[
     wanted = [d for d in cfg.domains if domains is None or d.name in domains]
     unknown = sorted(set(domains or ()) - {d.name for d in cfg.domains})
     if unknown:
-        raise KeyError(f"unknown domains {unknown} (allowed: {', '.join(d.name for d in cfg.domains)})")
+        raise UnknownName(
+            f"unknown domains {unknown} (allowed: {', '.join(d.name for d in cfg.domains)})")
     if cfg.model.is_builtin and domains is None:
         have = {d.name for d in wanted}
         wanted += [builtin_domain_config(cfg, n) for n in CORPUS_DOMAINS if n not in have]
@@ -226,10 +221,6 @@ def tokenizer_fingerprint(cfg: ModulaConfig) -> str:
     })
 
 
-def tokenizer_key(cfg: ModulaConfig) -> str:
-    return f"tokenizers/builtin-{tokenizer_fingerprint(cfg)[:16]}"
-
-
 # the tokenizer learns its merges from this much text (about 1 s of training per MB)
 _TOKENIZER_CHARS = 3_000_000
 
@@ -253,12 +244,8 @@ def _tokenizer_texts(storage: Storage) -> list[str]:
 def ensure_tokenizer(cfg: ModulaConfig, storage: Storage | None = None, force: bool = False
                      ) -> str:
     """Train (once per fingerprint) and store the built-in tokenizer; returns its storage key."""
-    import tempfile
-
-    from modula.data.tokenizer import train_tokenizer
-
     storage = storage or Storage(cfg.storage)
-    key = tokenizer_key(cfg)
+    key = tokenizer_key(tokenizer_fingerprint(cfg))
     if storage.exists(f"{key}/tokenizer.json") and not force:
         return key
     ensure_data(cfg, storage, list(CORPUS_DOMAINS))

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from modula.data.tokenizer import load_tokenizer, render_prompt, render_response
+from modula.infra.layout import scratch_dir
 
 __all__ = [
     "IGNORE_INDEX",
@@ -141,7 +141,7 @@ def tokenizer_files(path: str | Path) -> dict[str, bytes]:
 
 @functools.lru_cache(maxsize=4)
 def _tokenizer_from(digest: str, files: tuple[tuple[str, bytes], ...]) -> Any:
-    d = Path(tempfile.mkdtemp(prefix=f"modula-tok-{digest[:8]}-"))
+    d = scratch_dir(f"tok-{digest[:8]}")
     for name, data in files:
         (d / name).write_bytes(data)
     return load_tokenizer(d)

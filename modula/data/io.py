@@ -1,11 +1,9 @@
 """Datasets in storage: parquet written with pyarrow under ``storage.root`` and read back as
 pyarrow tables (driver side: eval, small checks) or Ray Data datasets (trainers).
 
-Layout::
-
-    data/<domain>/train.parquet | validation.parquet | test.parquet   prompt/response records
-    data/<domain>/corpus.parquet                                      pretraining text (general, code)
-    data/<domain>/manifest.json                                       fingerprint, counts, source
+Where the splits live is :mod:`modula.infra.layout` (``data/<domain>/<split>.parquet``, with
+``corpus`` the pretraining text of general and code, and ``manifest.json`` the fingerprint,
+counts and source of the build).
 """
 
 from __future__ import annotations
@@ -17,14 +15,14 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from modula.errors import ModulaError
+from modula.infra.layout import data_manifest_key, split_key
 from modula.infra.storage import Storage
 
 __all__ = [
     "RECORD_SCHEMA",
     "CORPUS_SCHEMA",
-    "DATA_PREFIX",
-    "split_key",
-    "manifest_key",
+    "DataMissing",
     "write_table",
     "read_table",
     "read_records",
@@ -32,8 +30,6 @@ __all__ = [
     "read_dataset",
     "records_table",
 ]
-
-DATA_PREFIX = "data"
 
 RECORD_SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -51,13 +47,12 @@ CORPUS_SCHEMA = pa.schema([
 ])
 
 
-def split_key(domain: str, split: str) -> str:
-    """The storage key of one split (``train``, ``validation``, ``test`` or ``corpus``)."""
-    return f"{DATA_PREFIX}/{domain}/{split}.parquet"
+class DataMissing(ModulaError, FileNotFoundError):
+    """A split that has not been built; the message says which command builds it."""
 
 
-def manifest_key(domain: str) -> str:
-    return f"{DATA_PREFIX}/{domain}/manifest.json"
+def _missing(storage: Storage, key: str) -> DataMissing:
+    return DataMissing(f"{storage.uri(key)} does not exist: run `modula data build` first")
 
 
 def records_table(rows: list[dict[str, str]], schema: pa.Schema = RECORD_SCHEMA) -> pa.Table:
@@ -76,9 +71,7 @@ def read_table(storage: Storage, key: str) -> pa.Table:
     try:
         data = storage.read_bytes(key)
     except FileNotFoundError:
-        raise FileNotFoundError(
-            f"{storage.uri(key)} does not exist: run `modula data build` first"
-        ) from None
+        raise _missing(storage, key) from None
     return pq.read_table(io.BytesIO(data))
 
 
@@ -93,7 +86,7 @@ def read_records(storage: Storage, domain: str, split: str, limit: int | None = 
 
 def read_manifest(storage: Storage, domain: str) -> dict[str, Any] | None:
     try:
-        return json.loads(storage.read_text(manifest_key(domain)))
+        return json.loads(storage.read_text(data_manifest_key(domain)))
     except FileNotFoundError:
         return None
 
@@ -107,8 +100,6 @@ def read_dataset(storage: Storage, domains: str | list[str], split: str) -> Any:
     for d in names:
         key = split_key(d, split)
         if not storage.exists(key):
-            raise FileNotFoundError(
-                f"{storage.uri(key)} does not exist: run `modula data build` first"
-            )
+            raise _missing(storage, key)
         paths.append(storage.arrow_path(key))
     return ray.data.read_parquet(paths, filesystem=storage.arrow_filesystem())

@@ -17,8 +17,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from modula.config import DomainConfig, StorageConfig
+from modula.config.schema import DomainConfig, StorageConfig
 from modula.data.builtin import Example
+from modula.errors import ModulaError
 from modula.infra.storage import Storage
 
 __all__ = ["UserDataError", "SourceFile", "list_source_files", "read_source", "read_user_file"]
@@ -29,7 +30,7 @@ _SPLIT_PREFIXES = (("validation", "validation"), ("valid", "validation"), ("val"
                    ("train", "train"), ("test", "test"))
 
 
-class UserDataError(ValueError):
+class UserDataError(ModulaError, ValueError):
     """A user-data problem, naming the file and (1-based) row or line."""
 
     def __init__(self, file: str, row: int | None, message: str):

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from modula.config.options import ConfigOpt, SetOpt
+from modula.infra.layout import EVAL_RESULTS
 
 
 def _fail(msg: str) -> typer.Exit:
@@ -27,11 +28,11 @@ def eval_cmd(
     limit: Annotated[int | None, typer.Option(help="Examples per domain (default: eval.max_examples).")] = None,
 ) -> None:
     """Evaluate one model on every configured domain and store its result."""
+    from modula.basemodel import BaseModelMissing
     from modula.cli import load_or_exit
     from modula.eval.report import domain_line, render_table
     from modula.eval.run import load_model_dir, run_eval
     from modula.infra.storage import Storage
-    from modula.model.builtin import BaseModelMissing
 
     cfg = load_or_exit(config, set_)
     if split not in ("validation", "test"):
@@ -73,7 +74,7 @@ def report_cmd(
     storage = Storage(cfg.storage)
     results = load_results(storage)
     if not results:
-        raise _fail(f"no evaluation results in {storage.uri('reports/eval')}: run `modula eval` first")
+        raise _fail(f"no evaluation results in {storage.uri(EVAL_RESULTS)}: run `modula eval` first")
     console = Console()
     console.print(render_table(results))
     files = write_report(storage, output or Path(cfg.eval.output_dir), results)

@@ -17,14 +17,17 @@ from typing import Any
 
 import numpy as np
 
+from modula.errors import ModulaError
 from modula.eval.evaluate import DomainResult, GateShares, VariantResult
+from modula.infra.layout import EVAL_RESULTS, REPORTS, SERVED_NAME_RE
 from modula.infra.storage import Storage
 
 __all__ = [
     "domain_line",
     "VARIANT_ORDER",
     "VARIANT_LABELS",
-    "RESULTS_PREFIX",
+    "EvalError",
+    "ResultsMissing",
     "save_result",
     "load_results",
     "save_gate_shares",
@@ -38,7 +41,6 @@ __all__ = [
     "write_report",
 ]
 
-RESULTS_PREFIX = "reports/eval"
 VARIANT_ORDER = ("base", "lora", "molora", "flan", "res")
 VARIANT_LABELS = {
     "base": "base model",
@@ -47,23 +49,30 @@ VARIANT_LABELS = {
     "flan": "MoDULA-Flan",
     "res": "MoDULA-Res",
 }
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class EvalError(ModulaError, ValueError):
+    """An evaluation that cannot be stored or run as asked (a bad row name, no tokenizer)."""
+
+
+class ResultsMissing(ModulaError, FileNotFoundError):
+    """No stored evaluation results to report on."""
 
 
 def _check_name(variant: str) -> str:
-    if not _NAME.match(variant):
-        raise ValueError(f"{variant!r} is not a usable variant name (letters, digits, '.', '_', '-')")
+    if not SERVED_NAME_RE.match(variant):
+        raise EvalError(f"{variant!r} is not a usable variant name (letters, digits, '.', '_', '-')")
     return variant
 
 
 def save_result(storage: Storage, result: VariantResult) -> str:
-    key = f"{RESULTS_PREFIX}/{_check_name(result.variant)}.json"
+    key = f"{EVAL_RESULTS}/{_check_name(result.variant)}.json"
     storage.write_text(key, json.dumps(result.to_dict(), indent=2))
     return key
 
 
 def save_gate_shares(storage: Storage, variant: str, gates: GateShares) -> str:
-    key = f"{RESULTS_PREFIX}/{_check_name(variant)}.gates.json"
+    key = f"{EVAL_RESULTS}/{_check_name(variant)}.gates.json"
     storage.write_text(key, json.dumps(gates.to_dict()))
     return key
 
@@ -71,7 +80,7 @@ def save_gate_shares(storage: Storage, variant: str, gates: GateShares) -> str:
 def load_results(storage: Storage) -> dict[str, VariantResult]:
     """Every stored variant result, in the order base, lora, molora, flan, res, then others."""
     found: dict[str, VariantResult] = {}
-    for key in storage.list(RESULTS_PREFIX):
+    for key in storage.list(EVAL_RESULTS):
         name = key.rsplit("/", 1)[-1]
         if name.endswith(".json") and not name.endswith(".gates.json"):
             r = VariantResult.from_dict(json.loads(storage.read_text(key)))
@@ -82,7 +91,7 @@ def load_results(storage: Storage) -> dict[str, VariantResult]:
 
 def load_gate_shares(storage: Storage) -> dict[str, GateShares]:
     out = {}
-    for key in storage.list(RESULTS_PREFIX):
+    for key in storage.list(EVAL_RESULTS):
         name = key.rsplit("/", 1)[-1]
         if name.endswith(".gates.json"):
             out[name[: -len(".gates.json")]] = GateShares.from_dict(json.loads(storage.read_text(key)))
@@ -297,8 +306,8 @@ def write_report(storage: Storage, out_dir: str | Path, results: dict[str, Varia
     results = load_results(storage) if results is None else results
     gates = load_gate_shares(storage) if gates is None else gates
     if not results:
-        raise FileNotFoundError(
-            f"no evaluation results under {storage.uri(RESULTS_PREFIX)}: run `modula eval` first")
+        raise ResultsMissing(
+            f"no evaluation results under {storage.uri(EVAL_RESULTS)}: run `modula eval` first")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
@@ -315,5 +324,5 @@ def write_report(storage: Storage, out_dir: str | Path, results: dict[str, Varia
             b.shares, b.layers, b.domains, b.experts, out / f"gates-{v}.png",
             title=f"{VARIANT_LABELS.get(v, v)}: share of each domain's tokens per expert")
     for p in files.values():
-        storage.upload_file(p, f"reports/{p.name}")
+        storage.upload_file(p, f"{REPORTS}/{p.name}")
     return files

@@ -13,7 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from modula.config import ModulaConfig
+from modula.basemodel import load_base_model
+from modula.config.schema import ModulaConfig
+from modula.data.build import ensure_data
+from modula.data.io import read_records
+from modula.data.tokenizer import load_tokenizer
+from modula.errors import UnknownName
 from modula.eval.evaluate import (
     DomainResult,
     GateShares,
@@ -22,7 +27,11 @@ from modula.eval.evaluate import (
     evaluate_model,
     label_set,
 )
+from modula.eval.report import EvalError, save_gate_shares, save_result
+from modula.infra.layout import published_name, scratch_dir
+from modula.infra.registry import Registry
 from modula.infra.storage import Storage
+from modula.model import load_modula
 
 __all__ = [
     "VariantLoader",
@@ -37,8 +46,6 @@ VariantLoader = Callable[[ModulaConfig, Storage], tuple[Any, Any]]
 
 
 def _load_base(cfg: ModulaConfig, storage: Storage) -> tuple[Any, Any]:
-    from modula.model.builtin import load_base_model
-
     return load_base_model(cfg, storage)
 
 
@@ -46,15 +53,8 @@ def _published_loader(variant: str) -> VariantLoader:
     """A loader for the latest published version of `variant` in the registry."""
 
     def load(cfg: ModulaConfig, storage: Storage) -> tuple[Any, Any]:
-        import tempfile
-
-        from modula.infra.registry import Registry, published_name
-        from modula.model import load_modula
-        from modula.model.builtin import load_base_model
-
         base, tok = load_base_model(cfg, storage)
-        local = Registry(storage).fetch(published_name(cfg, variant),
-                                        dest=Path(tempfile.mkdtemp(prefix="modula-eval-")))
+        local = Registry(storage).fetch(published_name(cfg, variant), dest=scratch_dir("eval"))
         model = load_modula(base, local.path)
         model.eval()
         return model, tok
@@ -80,7 +80,7 @@ def variant_loaders() -> dict[str, VariantLoader]:
 
 def load_variant(cfg: ModulaConfig, storage: Storage, name: str) -> tuple[Any, Any]:
     if name not in _LOADERS:
-        raise KeyError(
+        raise UnknownName(
             f"no model loader for variant {name!r} (registered: {', '.join(sorted(_LOADERS))}); "
             "evaluate a model folder with --model DIR --name NAME instead"
         )
@@ -92,8 +92,6 @@ def load_model_dir(path: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from modula.data.tokenizer import load_tokenizer
-
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype),
                                                  local_files_only=True)
     return model.eval(), load_tokenizer(path)
@@ -104,8 +102,6 @@ def eval_records(cfg: ModulaConfig, storage: Storage, split: str = "test",
                  ) -> tuple[dict[str, list[dict[str, str]]], dict[str, list[str]]]:
     """(rows per domain, the first ``eval.max_examples``; label sets of accuracy domains, from
     their train split)."""
-    from modula.data.io import read_records
-
     names = domains or [d.name for d in cfg.domains]
     n = limit or cfg.eval.max_examples
     rows = {d: read_records(storage, d, split, n) for d in names}
@@ -121,16 +117,13 @@ def run_eval(cfg: ModulaConfig, storage: Storage | None = None, variant: str = "
              model_name: str = "") -> tuple[VariantResult, GateShares | None]:
     """Evaluate one model on the configured domains and store its result (and gate shares when
     the model has routers) under ``reports/eval/``."""
-    from modula.data.build import ensure_data
-    from modula.eval.report import save_gate_shares, save_result
-
     storage = storage or Storage(cfg.storage)
     ensure_data(cfg, storage, domains)
     if model is None:
         model, tokenizer = load_variant(cfg, storage, variant)
         model_name = model_name or (cfg.model.base if variant == "base" else variant)
     elif tokenizer is None:
-        raise ValueError("a model was given without its tokenizer")
+        raise EvalError("a model was given without its tokenizer")
     rows, labels = eval_records(cfg, storage, split, domains, limit)
     result = evaluate_model(model, tokenizer, cfg, rows, variant, split, labels,
                             on_domain=on_domain, model_name=model_name)

@@ -38,6 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from modula.errors import ModulaError
+from modula.infra.files import sha256_file
+from modula.infra.layout import MODEL_NAME_RE, REGISTRY, cache_dir
 from modula.infra.storage import Storage, StorageError
 
 __all__ = [
@@ -51,17 +54,14 @@ __all__ = [
     "Registry",
     "RegistryConflict",
     "RegistryError",
-    "sha256_file",
 ]
 
 FORMAT = "modula-registry/1"
 FETCH_MARKER = ".modula-registry.json"  # written into a fetched folder: which version it holds
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_CHUNK = 1 << 20
 
 
-class RegistryError(Exception):
+class RegistryError(ModulaError):
     """A registry operation failed: missing or corrupt file, bad manifest, unknown model."""
 
 
@@ -71,14 +71,6 @@ class ModelNotFound(RegistryError, LookupError):
 
 class RegistryConflict(RegistryError):
     """Another publisher changed the model first (see ``base_version`` of :meth:`Registry.publish`)."""
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _now() -> str:
@@ -274,7 +266,7 @@ def guess_expert(path: str) -> tuple[str, str]:
 class Registry:
     """Publish, list, show and fetch versioned model folders under a storage root."""
 
-    def __init__(self, storage: Storage, prefix: str = "registry"):
+    def __init__(self, storage: Storage, prefix: str = REGISTRY):
         self.storage = storage
         self.prefix = prefix.strip("/")
         # test hook: called between the steps of publish() with the step's name
@@ -291,7 +283,7 @@ class Registry:
     # ------------------------------------------------------------------ keys
 
     def _model_key(self, model: str) -> str:
-        if not _MODEL_NAME.match(model or ""):
+        if not MODEL_NAME_RE.match(model or ""):
             raise RegistryError(
                 f"model name {model!r} is not allowed (letters, digits, '.', '_', '-'; "
                 "starting with a letter or digit)"
@@ -316,7 +308,7 @@ class Registry:
     def list_models(self) -> list[str]:
         """Models with at least one published (promoted) version."""
         return [m for m in self.storage.list_dirs(self.prefix)
-                if _MODEL_NAME.match(m) and self.storage.exists(self._pointer_key(m))]
+                if MODEL_NAME_RE.match(m) and self.storage.exists(self._pointer_key(m))]
 
     def latest_version(self, model: str) -> int | None:
         """The version the pointer names, or None if nothing is published. One small read:
@@ -581,7 +573,7 @@ class Registry:
         mv = self.show(model, version)
         if dest is None:  # per storage root, model and version
             root_id = hashlib.sha256(self.storage.uri(self.prefix).encode()).hexdigest()[:10]
-            dest = Path(tempfile.gettempdir()) / "modula-registry" / root_id / model / f"v{mv.version}"
+            dest = cache_dir("registry", root_id, model, f"v{mv.version}")
         out = Path(dest)
         marker = out / FETCH_MARKER
         if out.exists() and any(out.iterdir()) and not marker.is_file():
@@ -654,10 +646,3 @@ class Registry:
                 problems.append(f"{f.path}: corrupt ({self.storage.uri(key)})")
         return problems
 
-
-def published_name(cfg: Any, variant: str | None = None, name: str | None = None) -> str:
-    """The registry name a config's model is published under: ``serve.model_name`` for the
-    configured variant, ``<model_name>-<variant>`` for another one (the baselines)."""
-    base = name or cfg.serve.model_name
-    variant = variant or cfg.modula.variant
-    return base if variant == cfg.modula.variant else f"{base}-{variant}"

@@ -19,8 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from modula.config import ModulaLayerConfig, RouterConfig
+from modula.config.names import DOMAIN_NAME_RE, RESERVED_EXPERT_NAMES, expert_file
+from modula.config.schema import ModulaLayerConfig, RouterConfig
+from modula.errors import ModulaError
+from modula.infra.files import atomic_write, sha256_file
 
 from .layer import ModulaLinear
 from .model import ModulaModel, attach_modula
@@ -49,7 +50,6 @@ __all__ = [
     "save_experts",
 ]
 
-_DOMAIN_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 FORMAT = "modula-experts"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -57,7 +57,7 @@ _SAMPLE_BYTES = 1 << 20  # tensors above 1 MiB are fingerprinted from 16 evenly 
 _CHUNKS = 16
 
 
-class ExpertFileError(ValueError):
+class ExpertFileError(ModulaError, ValueError):
     """An experts directory or file that cannot be loaded; the message says what and where."""
 
 
@@ -108,10 +108,6 @@ def base_model_fingerprint(model: nn.Module) -> str:
 
 def _expert_kind(name: str) -> str:
     return name if name in ("universal", "routers") else "domain"
-
-
-def _file_name(name: str) -> str:
-    return f"{name}.safetensors" if name in ("universal", "routers") else f"domain-{name}.safetensors"
 
 
 def _expert_names(model: ModulaModel) -> list[str]:
@@ -203,34 +199,11 @@ def _serialise(model: ModulaModel, name: str, fingerprint: str) -> bytes:
     return st_save(tensors, metadata={"modula": meta})
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_if_changed(path: Path, data: bytes) -> tuple[str, bool]:
     digest = hashlib.sha256(data).hexdigest()
-    if path.is_file() and path.stat().st_size == len(data) and _sha256_file(path) == digest:
+    if path.is_file() and path.stat().st_size == len(data) and sha256_file(path) == digest:
         return digest, False
-    _atomic_write(path, data)
+    atomic_write(path, data)
     return digest, True
 
 
@@ -266,7 +239,7 @@ def save_experts(
     dtype = None
     for name in _expert_names(model):
         data = _serialise(model, name, fingerprint)
-        fname = _file_name(name)
+        fname = expert_file(name)
         digest, _ = _write_if_changed(directory / fname, data)
         entries.append(
             {"name": name, "kind": _expert_kind(name), "file": fname, "sha256": digest, "size": len(data)}
@@ -334,7 +307,7 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
         if not isinstance(f, str) or "/" in f or "\\" in f or f in ("", ".", "..") or not f.endswith(".safetensors"):
             raise ExpertFileError(f"{path}: expert {e['name']!r} names an unsafe file {f!r}")
     for d in manifest["domains"]:
-        if not isinstance(d, str) or not _DOMAIN_NAME.match(d) or d in ("universal", "routers", "router"):
+        if not isinstance(d, str) or not DOMAIN_NAME_RE.match(d) or d in RESERVED_EXPERT_NAMES:
             raise ExpertFileError(f"{path}: invalid domain name {d!r}")
     if len(set(manifest["domains"])) != len(manifest["domains"]):
         raise ExpertFileError(f"{path}: a domain is listed twice")

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from modula.config import ModulaLayerConfig
+from modula.config.schema import ModulaLayerConfig
 from modula.kernels import ExpertStack, Residual, expert_mixture, stack_experts
 
 from .targets import linear_dims

@@ -7,7 +7,6 @@ trainers switch stages, serving pins domains and reads gates, and files load exp
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
@@ -15,7 +14,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from modula.config import ModulaLayerConfig
+from modula.config.names import DOMAIN_NAME_RE, RESERVED_EXPERT_NAMES
+from modula.config.schema import ModulaLayerConfig
+from modula.kernels import BACKENDS
 
 from .layer import UNIVERSAL, LayerState, ModulaLinear
 from .targets import default_targets, find_targets
@@ -23,15 +24,13 @@ from .targets import default_targets, find_targets
 __all__ = ["ModulaModel", "attach_modula", "mean_gate_per_expert", "STAGES"]
 
 STAGES = ("universal", "domain:<name>", "router", "joint")
-_DOMAIN_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
-_RESERVED = {"universal", "routers", "router"}
 
 
 def _check_domain_name(name: str) -> None:
-    if not isinstance(name, str) or not _DOMAIN_NAME.match(name) or name in _RESERVED:
+    if not isinstance(name, str) or not DOMAIN_NAME_RE.match(name) or name in RESERVED_EXPERT_NAMES:
         raise ValueError(
             f"invalid domain name {name!r}: 1-32 chars of a-z, 0-9, '_' or '-', starting with a "
-            f"letter, and not one of {sorted(_RESERVED)}"
+            f"letter, and not one of {sorted(RESERVED_EXPERT_NAMES)}"
         )
 
 
@@ -141,8 +140,6 @@ class ModulaModel(nn.Module):
 
     @kernel_backend.setter
     def kernel_backend(self, backend: str) -> None:
-        from modula.kernels import BACKENDS
-
         if backend not in BACKENDS:
             raise ValueError(f"unknown kernel backend {backend!r} (allowed: {', '.join(BACKENDS)})")
         self._state.backend = backend

@@ -35,8 +35,13 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from modula.config import ConfigError, ModulaConfig, config_from_dict
+from modula.config.loader import ConfigError, config_from_dict
+from modula.config.schema import ModulaConfig
+from modula.data.tokenizer import render_chat
 from modula.serving import topology
+from modula.serving.engine import AsyncEngine, EngineCore, Failed, Finished, TokenDelta
+from modula.serving.metrics import ServingMetrics
+from modula.serving.modeling import ModelSource, RoutingModel, configure_torch, load_tokenizer
 from modula.serving.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -70,7 +75,6 @@ __all__ = [
     "Router",
     "build_app",
     "build_graph",
-    "deployment_options",
     "replica_config",
 ]
 
@@ -147,8 +151,6 @@ class Experts:
     def __init__(self, config: Mapping[str, Any], group_index: int = 0,
                  group: Sequence[str] | None = None, extra_domains: bool = True,
                  deployment_name: str = topology.EXPERT_PREFIX):
-        from modula.serving.modeling import ModelSource, configure_torch
-
         self.cfg = _config(config)
         configure_torch(self.cfg)
         self.name = deployment_name
@@ -170,8 +172,6 @@ class Experts:
                  adapter.domains)
 
     def _make_engine(self, adapter: Any) -> Any:
-        from modula.serving.engine import AsyncEngine, EngineCore
-
         s = self.cfg.serve
         core = EngineCore(adapter, self.tokenizer,
                           max_running=max(2 * s.batching.max_batch_size, 4),
@@ -222,8 +222,6 @@ class Experts:
     async def generate_stream(self, req: GenerationRequest) -> AsyncIterator[dict[str, Any]]:
         """Text deltas as they come (several tokens per item when the consumer is slower than
         the engine), then one item with the result."""
-        from modula.serving.engine import Failed, Finished, TokenDelta
-
         stream = await self._start(req)
         try:
             async for ev in stream:
@@ -348,8 +346,6 @@ class Router:
         self._map_at = 0.0
         self._routing = None
         if len(self.experts) > 1:
-            from modula.serving.modeling import RoutingModel, configure_torch
-
             configure_torch(self.cfg)
             self._routing = RoutingModel(self.cfg)
             b = self.cfg.serve.batching
@@ -487,9 +483,6 @@ class Ingress:
 
     def __init__(self, config: Mapping[str, Any], router: DeploymentHandle,
                  api_key_hashes: Sequence[str] = ()):
-        from modula.serving.metrics import ServingMetrics
-        from modula.serving.modeling import load_tokenizer
-
         self.cfg = _config(config)
         s = self.cfg.serve
         self.router = router
@@ -531,8 +524,6 @@ class Ingress:
                                  req.model)
 
     def _chat_request(self, req: ChatCompletionRequest, rid: str) -> GenerationRequest:
-        from modula.serving.modeling import render_chat
-
         domain = parse_model_name(req.model, self.served)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in req.messages]
@@ -745,26 +736,13 @@ class Ingress:
 # ============================================================================ building
 
 
-def deployment_options(cfg: ModulaConfig) -> dict[str, dict[str, Any]]:
-    """Per deployment name, the options the rendered Serve config gives it (one source of
-    truth: :func:`modula.cluster.render.serve_config`)."""
-    from modula.cluster.render import serve_config
-
-    app = serve_config(cfg)["applications"][0]
-    out = {}
-    for d in app["deployments"]:
-        opts = {k: v for k, v in d.items() if k != "name"}
-        out[d["name"]] = opts
-    return out
-
-
 def build_graph(cfg: ModulaConfig, *, api_key_hashes: Sequence[str] = (),
                 config_data: Mapping[str, Any] | None = None) -> Any:
     """The bound application (Ingress -> Router -> expert deployments) for `cfg`."""
     data = dict(config_data) if config_data is not None else replica_config(cfg)
     keys = sorted({*api_key_hashes,
                    *(hash_api_key(k.get_secret_value()) for k in cfg.serve.api_keys)})
-    opts = deployment_options(cfg)
+    opts = topology.deployment_options(cfg)
     groups = topology.expert_groups(cfg)
     names = topology.expert_deployment_names(cfg)
     experts = []

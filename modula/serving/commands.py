@@ -12,65 +12,10 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from modula.serving.deploy import DeploymentFailed, PreflightError, deploy, preflight
+
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
-
-
-class PreflightError(RuntimeError):
-    """Something the service needs is missing; the message says what to do."""
-
-
-def preflight(cfg: Any) -> dict[str, Any]:
-    """Check, before deploying, that there is something to serve; returns what will be served."""
-    from modula.model.builtin import BaseModelMissing, resolve_base_dir
-    from modula.serving import topology
-    from modula.serving.modeling import registry_model_name
-
-    try:
-        base_dir = resolve_base_dir(cfg)
-    except BaseModelMissing as exc:
-        raise PreflightError(str(exc)) from None
-    out: dict[str, Any] = {"base_dir": str(base_dir), "groups": topology.expert_groups(cfg),
-                           "deployments": topology.expert_deployment_names(cfg)}
-    if cfg.serve.base_only:
-        out.update(version=None, domains=[], registry_model=None)
-        return out
-    from modula.infra.registry import Registry, RegistryError
-
-    name = registry_model_name(cfg)
-    reg = Registry.from_config(cfg)
-    try:
-        version = reg.latest_version(name)
-        if version is None:
-            raise PreflightError(
-                f"the registry in {cfg.storage.root} has no published version of {name!r}: "
-                "train and publish it first (`modula train`), set serve.registry_model to the "
-                "name it was published under, or serve the bare base model with "
-                "--set serve.base_only=true")
-        mv = reg.show(name, version)
-    except RegistryError as exc:
-        raise PreflightError(f"registry: {exc}") from None
-    out.update(version=version, domains=mv.domains(), registry_model=name,
-               variant=mv.variant)
-    return out
-
-
-def deploy(cfg: Any, *, blocking: bool = False) -> str:
-    """Connect to Ray, start Serve on ``serve.host:serve.port`` and run the application;
-    returns the service's base URL."""
-    from ray import serve
-
-    from modula.infra.connect import connect
-    from modula.serving.app import build_graph, env_key_hashes
-
-    connect(cfg.cluster)
-    s = cfg.serve
-    serve.start(http_options={"host": s.host, "port": s.port})
-    serve.run(build_graph(cfg, api_key_hashes=env_key_hashes()), name=s.app_name,
-              route_prefix=s.route_prefix, blocking=blocking)
-    host = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
-    prefix = s.route_prefix.rstrip("/")
-    return f"http://{host}:{s.port}{prefix}"
 
 
 def run_serve(config: Path | None, sets: list[str] | None, detach: bool) -> None:
@@ -92,9 +37,8 @@ def run_serve(config: Path | None, sets: list[str] | None, detach: bool) -> None
     t0 = time.time()
     try:
         url = deploy(cfg)
-    except Exception as exc:  # noqa: BLE001 - one readable line, not a Ray traceback
-        err_console.print(f"[bold red]deployment failed[/]: {str(exc).strip().splitlines()[-1]}",
-                          highlight=False)
+    except DeploymentFailed as exc:
+        err_console.print(f"[bold red]deployment failed[/]: {exc}", highlight=False)
         raise typer.Exit(1) from None
     keyed = bool(cfg.serve.api_keys or os.environ.get("MODULA_API_KEYS"))
     console.print(f"[green]ready[/] in {time.time() - t0:.0f}s: {url}/v1 "

@@ -1,8 +1,8 @@
 """What a serving replica loads: the base model and tokenizer from ``model.base`` and the experts
 of the latest registry version, wrapped for the engine.
 
-Serving reads only artifacts and the config (DESIGN.md): the base model through
-:mod:`modula.model.builtin` (built-in, a local HF directory or an ``s3://`` prefix), the experts
+Serving reads only artifacts and the config (docs/architecture.md): the base model through
+:mod:`modula.basemodel` (built-in, a local HF directory or an ``s3://`` prefix), the experts
 through :class:`modula.infra.registry.Registry` (every file's sha256 checked) and
 :func:`modula.model.load_modula` (the manifest, shapes and base fingerprint checked).
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -21,7 +20,12 @@ from typing import Any
 
 import torch
 
-from modula.config import ModulaConfig
+from modula.basemodel import BaseModelMissing, load_base_model, load_base_tokenizer
+from modula.config.schema import ModulaConfig
+from modula.errors import ModulaError
+from modula.infra.layout import cache_dir, registry_model_name
+from modula.infra.registry import Registry
+from modula.model import load_modula
 from modula.serving import topology
 from modula.serving.engine import ModelAdapter
 
@@ -32,20 +36,13 @@ __all__ = [
     "configure_torch",
     "load_tokenizer",
     "modula_adapter",
-    "registry_model_name",
-    "render_chat",
 ]
 
 log = logging.getLogger(__name__)
 
 
-class ModelUnavailable(RuntimeError):
+class ModelUnavailable(ModulaError, RuntimeError):
     """There is nothing to serve yet (no base model, or no published version)."""
-
-
-def registry_model_name(cfg: ModulaConfig) -> str:
-    """The registry model a service serves: ``serve.registry_model``, else ``serve.model_name``."""
-    return cfg.serve.registry_model or cfg.serve.model_name
 
 
 def configure_torch(cfg: ModulaConfig) -> None:
@@ -56,19 +53,10 @@ def configure_torch(cfg: ModulaConfig) -> None:
 
 def load_tokenizer(cfg: ModulaConfig) -> Any:
     """The base model's tokenizer (the ingress tokenises; the experts detokenise)."""
-    from modula.model.builtin import BaseModelMissing, load_base_tokenizer
-
     try:
         return load_base_tokenizer(cfg)
     except BaseModelMissing as exc:
         raise ModelUnavailable(str(exc)) from None
-
-
-def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
-    """A conversation as the model's prompt, the assistant's turn open (the training format)."""
-    from modula.data.tokenizer import render_chat as _render
-
-    return _render(tokenizer, messages)
 
 
 def _gate_fn(model: Any):
@@ -118,7 +106,7 @@ class ModelSource:
         self.base_only = cfg.serve.base_only
         self.model_name = registry_model_name(cfg)
         self._registry: Any = None
-        self._cache_root = Path(tempfile.gettempdir()) / "modula-serving" / f"{os.getpid()}"
+        self._cache_root = cache_dir("serving", str(os.getpid()))
         self._fetched: list[Path] = []
         self._lock = threading.Lock()
 
@@ -130,8 +118,6 @@ class ModelSource:
     @property
     def registry(self) -> Any:
         if self._registry is None:
-            from modula.infra.registry import Registry
-
             self._registry = Registry.from_config(self.cfg)
         return self._registry
 
@@ -152,8 +138,6 @@ class ModelSource:
 
     def load(self, version: int | None) -> ModelAdapter:
         """The base model with the experts of `version` (the base alone with ``base_only``)."""
-        from modula.model.builtin import BaseModelMissing, load_base_model
-
         with self._lock:
             try:
                 base, _ = load_base_model(self.cfg)
@@ -167,8 +151,6 @@ class ModelSource:
                 raise ModelUnavailable(
                     f"the registry in {self.cfg.storage.root} has no published version of model "
                     f"{self.model_name!r}: train and publish it first (or set serve.base_only)")
-            from modula.model import load_modula
-
             t0 = time.perf_counter()
             dest = self._cache_root / self.model_name / f"v{version}"
             local = self.registry.fetch(self.model_name, version, dest)

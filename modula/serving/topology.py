@@ -1,12 +1,26 @@
-"""How the serving graph is laid out for a config: deployment names and expert groups.
+"""How the serving graph is laid out for a config: deployment names, expert groups and each
+deployment's Ray Serve options (replicas, autoscaling, resources).
 
-Shared by `modula render --target serve` and the Serve application builder, so the file a user
-deploys and the graph that runs always agree.
+Shared by ``modula render --target serve`` (which writes these options into the Serve config)
+and the Serve application builder, so the file a user deploys and the graph that runs always
+agree. Ray-free.
 """
 
 from __future__ import annotations
 
-from modula.config import ModulaConfig
+from typing import Any
+
+from modula.config.schema import ModulaConfig
+
+__all__ = [
+    "BUILDER_IMPORT_PATH",
+    "EXPERT_PREFIX",
+    "INGRESS",
+    "ROUTER",
+    "deployment_options",
+    "expert_deployment_names",
+    "expert_groups",
+]
 
 INGRESS = "Ingress"
 ROUTER = "Router"
@@ -27,3 +41,22 @@ def expert_deployment_names(cfg: ModulaConfig) -> list[str]:
     if len(groups) == 1:
         return [EXPERT_PREFIX]
     return [f"{EXPERT_PREFIX}{i}" for i in range(len(groups))]
+
+
+def deployment_options(cfg: ModulaConfig) -> dict[str, dict[str, Any]]:
+    """Per deployment name, in graph order (Ingress, Router, experts), its Serve options."""
+    s = cfg.serve
+    out: dict[str, dict[str, Any]] = {
+        INGRESS: {"autoscaling_config": s.ingress_autoscaling.model_dump(exclude_none=True),
+                  "ray_actor_options": {"num_cpus": 0.25}},
+        ROUTER: {"autoscaling_config": s.router_autoscaling.model_dump(exclude_none=True),
+                 "ray_actor_options": {"num_cpus": 0.25}},
+    }
+    for name in expert_deployment_names(cfg):
+        out[name] = {
+            "max_ongoing_requests": max(2 * s.batching.max_batch_size, 4),
+            "autoscaling_config": s.autoscaling.model_dump(exclude_none=True),
+            "ray_actor_options": {"num_cpus": s.resources.num_cpus,
+                                  "num_gpus": s.resources.num_gpus},
+        }
+    return out

@@ -78,9 +78,9 @@ def train_cmd(
     publish: Annotated[bool, typer.Option(help="Publish to the registry when complete.")] = True,
 ) -> None:
     """Train a stage (or all three in order) on Ray Train and publish the complete model."""
+    from modula.basemodel import BaseModelMissing
     from modula.cli import load_or_exit
     from modula.infra.connect import ray_session
-    from modula.model.builtin import BaseModelMissing
     from modula.trainers.plan import STAGE_CHOICES
     from modula.trainers.runner import StageError, train
 

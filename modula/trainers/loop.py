@@ -2,115 +2,31 @@
 
 One loop serves all stages; a :class:`~modula.trainers.plan.StageRun` says what differs: which
 experts train (``set_stage``), which experts are loaded first, which data streams feed it.
-Checkpoints hold only what trains plus the optimiser state, as safetensors with a checksum list,
-so a resume never unpickles anything and a corrupt checkpoint is an error, not a fresh start.
+The schedule, optimiser and checkpoints are :mod:`modula.trainers.common`'s.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from modula.config import ModulaConfig
+from modula.basemodel import load_base_model
+from modula.config.schema import ModulaConfig
+from modula.infra.layout import expert_file
+from modula.model import attach_modula, load_expert, save_expert
+from modula.trainers.common import (
+    EXPERTS_DIR,
+    load_checkpoint,
+    lr_at,
+    make_optimizer,
+    save_checkpoint,
+)
 from modula.trainers.plan import StageRun
 
-__all__ = ["CheckpointError", "adapter_loop", "save_adapter_checkpoint", "load_adapter_checkpoint",
-           "lr_at"]
-
-STATE_FILE = "state.json"
-PARAMS_FILE = "trainable.safetensors"
-OPTIM_FILE = "optimizer.safetensors"
-SUMS_FILE = "checksums.json"
-EXPERTS_DIR = "experts"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that exists but cannot be used (missing or corrupt files)."""
-
-
-def lr_at(step: int, total: int, warmup: int, base_lr: float, min_ratio: float = 0.1) -> float:
-    """Linear warmup, then cosine decay to ``min_ratio * base_lr``."""
-    if warmup > 0 and step < warmup:
-        return base_lr * (step + 1) / warmup
-    progress = min(1.0, max(0.0, (step - warmup) / max(1, total - warmup)))
-    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def save_adapter_checkpoint(directory: Path, model: Any, optimizer: Any, state: dict[str, Any]) -> None:
-    """Trainable tensors, AdamW state and the loop state, each file's sha256 in checksums.json."""
-    from safetensors.torch import save_file
-
-    directory.mkdir(parents=True, exist_ok=True)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    params = dict(model.named_parameters())
-    save_file({n: params[n].detach().cpu().contiguous() for n in names}, str(directory / PARAMS_FILE))
-    opt = optimizer.state_dict()
-    tensors: dict[str, Any] = {}
-    for idx, st in opt["state"].items():
-        for k, v in st.items():
-            tensors[f"{idx}.{k}"] = v.detach().cpu().contiguous().reshape(v.shape)
-    save_file(tensors, str(directory / OPTIM_FILE))
-    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": list(g["params"])}
-              for g in opt["param_groups"]]
-    (directory / STATE_FILE).write_text(json.dumps({**state, "param_names": names,
-                                                    "param_groups": groups}))
-    sums = {f: _sha256(directory / f) for f in (PARAMS_FILE, OPTIM_FILE, STATE_FILE)}
-    (directory / SUMS_FILE).write_text(json.dumps(sums))
-
-
-def load_adapter_checkpoint(directory: Path, model: Any, optimizer: Any) -> dict[str, Any]:
-    """Restore :func:`save_adapter_checkpoint`; raises CheckpointError on anything wrong."""
-    import torch
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    where = str(directory)
-    sums_path = directory / SUMS_FILE
-    if not sums_path.is_file():
-        raise CheckpointError(f"checkpoint {where}: {SUMS_FILE} is missing (incomplete checkpoint)")
-    try:
-        sums = json.loads(sums_path.read_text())
-    except ValueError:
-        raise CheckpointError(f"checkpoint {where}: {SUMS_FILE} is not valid JSON") from None
-    for f, digest in sums.items():
-        p = directory / f
-        if not p.is_file():
-            raise CheckpointError(f"checkpoint {where}: {f} is missing")
-        if _sha256(p) != digest:
-            raise CheckpointError(f"checkpoint {where}: {f} is corrupt (sha256 mismatch)")
-    state = json.loads((directory / STATE_FILE).read_text())
-    try:
-        saved = load_file(str(directory / PARAMS_FILE))
-        opt_tensors = load_file(str(directory / OPTIM_FILE))
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"checkpoint {where}: unreadable tensors ({exc})") from None
-    params = dict(model.named_parameters())
-    want = [n for n, p in params.items() if p.requires_grad]
-    if want != state["param_names"]:
-        raise CheckpointError(
-            f"checkpoint {where}: it trains {len(state['param_names'])} tensors, this run "
-            f"{len(want)}: the stage or model changed since it was written")
-    with torch.no_grad():
-        for n in want:
-            if tuple(saved[n].shape) != tuple(params[n].shape):
-                raise CheckpointError(f"checkpoint {where}: {n} has shape {tuple(saved[n].shape)}, "
-                                      f"the model {tuple(params[n].shape)}")
-            params[n].copy_(saved[n])
-    opt_state: dict[int, dict[str, Any]] = {}
-    for key, v in opt_tensors.items():
-        idx, name = key.split(".", 1)
-        opt_state.setdefault(int(idx), {})[name] = v
-    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
-    return state
+__all__ = ["adapter_loop", "build_stage_model"]
 
 
 def _cycle(shard: Any, batch_size: int, seed: int) -> Any:
@@ -206,14 +122,11 @@ def _model_inputs(batch: dict[str, Any], pin: int | None) -> dict[str, Any]:
 def build_stage_model(cfg: ModulaConfig, run: StageRun, inputs_dir: Path | None) -> Any:
     """The base model with MoDULA attached as the run needs it, earlier experts loaded,
     and exactly the run's parameters trainable."""
-    from modula.model import attach_modula, load_expert
-    from modula.model.builtin import load_base_model
-
     base, _ = load_base_model(cfg)
     layer_cfg = cfg.modula.model_copy(update={"variant": run.variant})
     model = attach_modula(base, layer_cfg, domains=list(run.domains))
     for name in run.inputs:
-        path = (inputs_dir / _expert_file(name)) if inputs_dir else None
+        path = (inputs_dir / expert_file(name)) if inputs_dir else None
         if path is None or not path.is_file():
             raise FileNotFoundError(
                 f"run {run.name}: expert {name!r} from an earlier stage is missing "
@@ -229,8 +142,45 @@ def build_stage_model(cfg: ModulaConfig, run: StageRun, inputs_dir: Path | None)
     return model
 
 
-def _expert_file(name: str) -> str:
-    return f"{name}.safetensors" if name in ("universal", "routers") else f"domain-{name}.safetensors"
+def _validation_shards(config: dict[str, Any], run: StageRun, pins: dict[str, int | None]
+                       ) -> tuple[dict[str, Any], dict[str, Any], dict[str, int | None]]:
+    """Validation (sweeps): one mixed shard, or one shard per domain (pinned to its expert in a
+    packed run) whose losses are averaged. Returns (mixed shards, per-domain shards, pins)."""
+    import ray.train
+
+    val_shards, val_per_domain, val_pins = {}, {}, dict(pins)
+    if config.get("validate"):
+        if run.pinned:
+            for s in run.pinned:
+                val_per_domain[s] = ray.train.get_dataset_shard(f"val_{s}")
+                val_pins[f"val_{s}"] = pins[s]
+        else:
+            for d in config.get("val_domains") or ():
+                val_per_domain[d] = ray.train.get_dataset_shard(f"val_{d}")
+            if not val_per_domain:
+                val_shards["train"] = ray.train.get_dataset_shard("val")
+    return val_shards, val_per_domain, val_pins
+
+
+def _report(metrics: dict[str, Any], model: Any, optimizer: Any, state: dict[str, Any],
+            run: StageRun, rank: int, last: bool) -> None:
+    """A checkpoint from rank 0 (the last one also holds the trained experts and the run's
+    cost), ``checkpoint=None`` elsewhere: ``report`` is a barrier every rank calls."""
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory(prefix="modula-ckpt-") as d:
+        save_checkpoint(Path(d), model, optimizer, state)
+        if last:
+            for name in run.trains:
+                save_expert(model, name, Path(d) / EXPERTS_DIR / expert_file(name))
+            (Path(d) / "cost.json").write_text(json.dumps({
+                "trainable_parameters": state["trainable_parameters"], "tokens": state["tokens"],
+                "loop_seconds": state["loop_seconds"], "world_size": state["world_size"],
+                "steps": state["step"], "final_loss": state["loss"], "resumed": state["resumed"]}))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 def adapter_loop(config: dict[str, Any]) -> None:
@@ -239,8 +189,6 @@ def adapter_loop(config: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
     from ray.train.torch import prepare_model
-
-    from modula.model import save_expert
 
     cfg: ModulaConfig = config["cfg"]
     run: StageRun = config["run"]
@@ -256,14 +204,13 @@ def adapter_loop(config: dict[str, Any]) -> None:
     n_trainable = sum(p.numel() for p in trainable)
     ddp = prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True}) \
         if world > 1 else model
-    optimizer = torch.optim.AdamW(trainable, lr=stage.lr, betas=(0.9, 0.95),
-                                  weight_decay=stage.weight_decay)
+    optimizer = make_optimizer(model, stage.lr, stage.weight_decay, decay_all=True)
 
     state: dict[str, Any] = {"step": 0, "tokens": 0, "loop_seconds": 0.0, "resumed": 0}
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            state = load_adapter_checkpoint(Path(d), model, optimizer)
+            state = load_checkpoint(Path(d), model, optimizer)
         state["resumed"] = int(state.get("resumed", 0)) + 1
 
     streams = list(run.pinned) or ["train"]
@@ -272,19 +219,7 @@ def adapter_loop(config: dict[str, Any]) -> None:
     iters = {s: _cycle(ray.train.get_dataset_shard(f"train_{s}" if run.pinned else "train"),
                        per_worker, stage.seed * 7919 + rank * 101 + state["step"])
              for s in streams}
-    # validation (sweeps): one mixed shard, or one shard per domain (pinned to its expert in a
-    # packed run) whose losses are averaged
-    val_shards, val_per_domain, val_pins = {}, {}, dict(pins)
-    if config.get("validate"):
-        if run.pinned:
-            for s in streams:
-                val_per_domain[s] = ray.train.get_dataset_shard(f"val_{s}")
-                val_pins[f"val_{s}"] = pins[s]
-        else:
-            for d in config.get("val_domains") or ():
-                val_per_domain[d] = ray.train.get_dataset_shard(f"val_{d}")
-            if not val_per_domain:
-                val_shards["train"] = ray.train.get_dataset_shard("val")
+    val_shards, val_per_domain, val_pins = _validation_shards(config, run, pins)
     board = config.get("board")
     pad_id = int(config.get("pad_id", 0))
 
@@ -326,18 +261,6 @@ def adapter_loop(config: dict[str, Any]) -> None:
             if val_shards or val_per_domain:
                 metrics.update(_validation_metrics(model, val_shards, val_pins, per_worker,
                                                    val_per_domain, world))
-            if rank != 0:
-                ray.train.report(metrics, checkpoint=None)
-                continue
-            with tempfile.TemporaryDirectory(prefix="modula-ckpt-") as d:
-                save_adapter_checkpoint(Path(d), model, optimizer, state)
-                if last:
-                    for name in run.trains:
-                        save_expert(model, name, Path(d) / EXPERTS_DIR / _expert_file(name))
-                    (Path(d) / "cost.json").write_text(json.dumps({
-                        "trainable_parameters": n_trainable, "tokens": state["tokens"],
-                        "loop_seconds": state["loop_seconds"], "world_size": world,
-                        "steps": step, "final_loss": loss_val, "resumed": state["resumed"]}))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            _report(metrics, model, optimizer, state, run, rank, last)
     if dist.is_initialized():
         dist.barrier()

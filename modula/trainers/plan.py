@@ -3,7 +3,7 @@
 A *run* is one ``TorchTrainer.fit``. Stages map to runs as the paper trains them:
 
 - ``universal``: one run, the universal expert alone, on ``general``;
-- ``domains``: every domain expert, independently (PAPER.md stage 2). One run per domain, or
+- ``domains``: every domain expert, independently (docs/method.md, stage 2). One run per domain, or
   ``stages.domain.domains_per_run`` experts packed into one run (each batch pinned to its own
   domain, so each expert still sees only its own data); runs execute side by side as far as the
   cluster's resources allow;
@@ -18,12 +18,13 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from modula.config import ModulaConfig, StageConfig
+from modula.config.schema import ModulaConfig, StageConfig
+from modula.infra.layout import model_name
+from modula.trainers.common import PlanError
 
-__all__ = ["StageRun", "STAGE_CHOICES", "plan_stage", "stage_runs", "workspace_key", "model_name"]
+__all__ = ["STAGE_CHOICES", "StageRun", "plan_stage", "stage_runs"]
 
 STAGE_CHOICES = ("universal", "domains", "router", "all", "lora", "molora")
-WORK_PREFIX = "work"
 
 
 @dataclass(frozen=True)
@@ -55,16 +56,6 @@ class StageRun:
         return None
 
 
-def model_name(cfg: ModulaConfig) -> str:
-    """The registry name of the model this config trains."""
-    return cfg.serve.model_name
-
-
-def workspace_key(cfg: ModulaConfig, name: str | None = None, variant: str | None = None) -> str:
-    """Where the stages leave expert files for the next stage (and `publish` collects them)."""
-    return f"{WORK_PREFIX}/{name or model_name(cfg)}/{variant or cfg.modula.variant}"
-
-
 def _fingerprint(cfg: ModulaConfig, section: StageConfig, *parts: object) -> str:
     """A stable run name suffix: same config, same name (so a rerun resumes the run)."""
     blob = json.dumps(
@@ -82,7 +73,7 @@ def _stage_domains(cfg: ModulaConfig, section: StageConfig) -> list[str]:
     chosen = [d for d in section.domains if d != "general"]
     unknown = [d for d in chosen if d not in cfg.expert_domains(include_reserved=True)]
     if unknown:
-        raise ValueError(f"stages: {unknown} are not domain experts (experts: {experts})")
+        raise PlanError(f"stages: {unknown} are not domain experts (experts: {experts})")
     return chosen
 
 
@@ -100,7 +91,7 @@ def stage_runs(cfg: ModulaConfig, stage: str, domains: list[str] | None = None,
                        data=("general", *ds))
         return [_named(cfg, run, mname)]
     if variant not in ("flan", "res"):
-        raise ValueError(
+        raise PlanError(
             f"stage {stage!r} is a MoDULA stage, but modula.variant is {variant!r} "
             "(train the baselines with --stage lora / --stage molora)"
         )
@@ -128,7 +119,7 @@ def stage_runs(cfg: ModulaConfig, stage: str, domains: list[str] | None = None,
                        trains=("routers",), data=("general", *all_domains),
                        inputs=("universal", *all_domains))
         return [_named(cfg, run, mname)]
-    raise ValueError(f"unknown stage {stage!r} (allowed: {', '.join(STAGE_CHOICES)})")
+    raise PlanError(f"unknown stage {stage!r} (allowed: {', '.join(STAGE_CHOICES)})")
 
 
 def _named(cfg: ModulaConfig, run: StageRun, mname: str) -> StageRun:

@@ -7,12 +7,8 @@ parquet in storage. Training: a ``TorchTrainer`` (Train V2) with checkpoints eve
 ``checkpoint_every`` steps and ``FailureConfig``; a stopped or failed run resumes from its last
 checkpoint (the run name is the model's fingerprint). The result is saved with ``save_pretrained``
 (with its tokenizer) under ``models/builtin-tiny/<fingerprint>/`` and reused while the config and
-data are unchanged.
-
-Reusable by the other stage runners: :func:`make_optimizer`, :func:`make_scheduler` (the stages'
-warmup + cosine schedule), :func:`train_step` (one step on a packed batch), :class:`MetricsLog`,
-:func:`save_checkpoint` / :func:`load_checkpoint`. Live progress on the driver comes from
-:mod:`modula.trainers.progress`.
+data are unchanged. The schedule, optimiser, checkpoints and metrics log are
+:mod:`modula.trainers.common`'s; live progress on the driver is :mod:`modula.trainers.progress`.
 """
 
 from __future__ import annotations
@@ -26,61 +22,55 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modula.config import ModulaConfig, StageConfig
+from rich.console import Console
+
+from modula.basemodel import (
+    MARKER,
+    build_model,
+    builtin_fingerprint,
+    builtin_info,
+    builtin_key,
+    count_parameters,
+)
+from modula.config.schema import ModulaConfig
+from modula.data.build import ensure_data, ensure_tokenizer
+from modula.data.encode import tokenized_dataset, tokenizer_files, tokenizer_from_files
+from modula.data.io import read_dataset, read_records
+from modula.data.tokenizer import load_tokenizer
+from modula.eval.evaluate import response_nll
+from modula.eval.metrics import perplexity
+from modula.infra.connect import connect
+from modula.infra.layout import PRETRAIN_RUNS
 from modula.infra.storage import Storage
-from modula.trainers.loop import lr_at
+from modula.trainers.common import (
+    STATE_FILE,
+    MetricsLog,
+    PlanError,
+    StageError,
+    load_checkpoint,
+    make_optimizer,
+    make_scheduler,
+    save_checkpoint,
+)
 from modula.trainers.progress import ProgressBoard, fit_with_progress
 
 __all__ = [
     "PretrainResult",
-    "run_pretrain",
-    "pretrain_loop",
-    "pretrain_datasets",
-    "heldout_perplexity",
-    "lr_multiplier",
-    "make_optimizer",
-    "make_scheduler",
-    "train_step",
-    "MetricsLog",
-    "save_checkpoint",
-    "load_checkpoint",
     "checkpoint_metrics",
-    "RUNS_PREFIX",
+    "heldout_perplexity",
+    "load_pretrain_checkpoint",
+    "pretrain_datasets",
+    "pretrain_loop",
+    "run_pretrain",
+    "save_pretrain_checkpoint",
+    "train_step",
 ]
 
-RUNS_PREFIX = "runs/pretrain"
 _HELDOUT_DOMAINS = ("general", "code")
 
 
 # --------------------------------------------------------------------------------------------
-# reusable pieces of a training loop
-
-
-def lr_multiplier(step: int, total: int, warmup: int, min_ratio: float = 0.1) -> float:
-    """The stages' schedule (:func:`modula.trainers.loop.lr_at`: linear warmup over `warmup`
-    steps, cosine decay to `min_ratio` at `total`) as a multiplier of the base learning rate."""
-    return lr_at(step, total, warmup, 1.0, min_ratio)
-
-
-def make_optimizer(model: Any, lr: float, weight_decay: float = 0.0) -> Any:
-    """AdamW over the trainable parameters; no weight decay on norms, biases and embeddings."""
-    import torch
-
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "norm" in name or "embed" in name else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.95), eps=1e-8)
-
-
-def make_scheduler(optimizer: Any, stage: StageConfig) -> Any:
-    import torch
-
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_multiplier(s, stage.steps, stage.warmup_steps))
+# one step, one checkpoint
 
 
 def train_step(model: Any, batch: dict[str, Any], optimizer: Any, scheduler: Any | None = None,
@@ -112,54 +102,25 @@ def train_step(model: Any, batch: dict[str, Any], optimizer: Any, scheduler: Any
     }
 
 
-class MetricsLog:
-    """The run's own metrics log (Ray Train keeps metrics only with checkpoints): rows of
-    dicts, written whole as JSON lines to storage on :meth:`save`."""
-
-    def __init__(self, rows: list[dict[str, Any]] | None = None):
-        self.rows: list[dict[str, Any]] = list(rows or [])
-
-    def log(self, **metrics: Any) -> None:
-        self.rows.append({"time": round(time.time(), 3), **metrics})
-
-    def to_jsonl(self) -> str:
-        return "".join(json.dumps(r) + "\n" for r in self.rows)
-
-    @classmethod
-    def from_jsonl(cls, text: str) -> MetricsLog:
-        return cls([json.loads(line) for line in text.splitlines() if line.strip()])
-
-    def save(self, storage: Storage, key: str) -> None:
-        storage.write_text(key, self.to_jsonl())
-
-    def last(self, key: str) -> Any:
-        for r in reversed(self.rows):
-            if key in r:
-                return r[key]
-        return None
-
-
-def save_checkpoint(path: str | Path, model: Any, optimizer: Any, scheduler: Any, step: int,
-                    log: MetricsLog, extra: dict[str, Any] | None = None) -> Path:
-    """Weights, AdamW and scheduler state, the step and the metrics log, as safetensors + JSON
-    with checksums (:func:`modula.trainers.loop.save_adapter_checkpoint`: nothing is pickled)."""
-    from modula.trainers.loop import save_adapter_checkpoint
-
+def save_pretrain_checkpoint(path: str | Path, model: Any, optimizer: Any, scheduler: Any,
+                             step: int, log: MetricsLog, extra: dict[str, Any] | None = None
+                             ) -> Path:
+    """Weights, AdamW and scheduler state, the step and the metrics log
+    (:func:`~modula.trainers.common.save_checkpoint`: checksummed, nothing pickled)."""
     p = Path(path)
     raw = model.module if hasattr(model, "module") else model
     state = {"step": step, "metrics": log.rows, **(extra or {}),
              "scheduler": scheduler.state_dict() if scheduler is not None else None}
-    save_adapter_checkpoint(p, raw, optimizer, state)
+    save_checkpoint(p, raw, optimizer, state)
     return p
 
 
-def load_checkpoint(path: str | Path, model: Any, optimizer: Any, scheduler: Any
-                    ) -> tuple[int, MetricsLog]:
-    """Restore what :func:`save_checkpoint` wrote (checksums verified); returns (step, log)."""
-    from modula.trainers.loop import load_adapter_checkpoint
-
+def load_pretrain_checkpoint(path: str | Path, model: Any, optimizer: Any, scheduler: Any
+                             ) -> tuple[int, MetricsLog]:
+    """Restore what :func:`save_pretrain_checkpoint` wrote (checksums verified); returns
+    (step, log)."""
     raw = model.module if hasattr(model, "module") else model
-    state = load_adapter_checkpoint(Path(path), raw, optimizer)
+    state = load_checkpoint(Path(path), raw, optimizer)
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     return int(state["step"]), MetricsLog(state.get("metrics"))
@@ -167,8 +128,6 @@ def load_checkpoint(path: str | Path, model: Any, optimizer: Any, scheduler: Any
 
 def checkpoint_metrics(path: str | Path) -> MetricsLog:
     """The metrics log inside a checkpoint folder."""
-    from modula.trainers.loop import STATE_FILE
-
     return MetricsLog(json.loads((Path(path) / STATE_FILE).read_text()).get("metrics"))
 
 
@@ -181,9 +140,6 @@ def pretrain_loop(config: dict[str, Any]) -> None:
     import ray.train
     import torch
     from ray.train.torch import prepare_model
-
-    from modula.data.encode import tokenizer_from_files
-    from modula.model.builtin import build_model
 
     cfg: ModulaConfig = config["cfg"]
     stage = cfg.stages.pretrain
@@ -201,7 +157,7 @@ def pretrain_loop(config: dict[str, Any]) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            step, log = load_checkpoint(d, model, optimizer, scheduler)
+            step, log = load_pretrain_checkpoint(d, model, optimizer, scheduler)
         log.log(step=step, event="resumed")
     board = config.get("board")
     shard = ray.train.get_dataset_shard("train")
@@ -247,7 +203,7 @@ def _report(step: int, m: dict[str, float], model: Any, optimizer: Any, schedule
         ray.train.report(metrics, checkpoint=None)
         return
     with tempfile.TemporaryDirectory(prefix="modula-ckpt-") as d:
-        save_checkpoint(d, model, optimizer, scheduler, step, log)
+        save_pretrain_checkpoint(d, model, optimizer, scheduler, step, log)
         if final:
             raw = model.module if hasattr(model, "module") else model
             raw.save_pretrained(Path(d) / "hf")
@@ -282,10 +238,6 @@ class PretrainResult:
 def heldout_perplexity(model: Any, tokenizer: Any, storage: Storage, max_length: int,
                        limit: int = 100, split: str = "validation") -> dict[str, float]:
     """Response perplexity on held-out general and code records (the stage-0 yardstick)."""
-    from modula.data.io import read_records
-    from modula.eval.evaluate import response_nll
-    from modula.eval.metrics import perplexity
-
     out = {}
     for d in _HELDOUT_DOMAINS:
         nll, n = response_nll(model, tokenizer, read_records(storage, d, split, limit), max_length)
@@ -297,9 +249,6 @@ def pretrain_datasets(cfg: ModulaConfig, storage: Storage, tokenizer_dir: str | 
     """The packed training rows (Ray Data, materialised): chat-format general/code records with
     every token a label, plus the general/code corpora."""
     import ray.data
-
-    from modula.data.encode import tokenized_dataset
-    from modula.data.io import read_dataset
 
     # the driver shows its own progress; Ray Data's bars would interleave with it
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -314,25 +263,11 @@ def pretrain_datasets(cfg: ModulaConfig, storage: Storage, tokenizer_dir: str | 
 def run_pretrain(cfg: ModulaConfig, storage: Storage | None = None, force: bool = False,
                  console: Any | None = None, show_progress: bool = True) -> PretrainResult:
     """Build (or reuse) the built-in base model for this config; returns what was measured."""
-    import ray
     import ray.train
     from ray.train.torch import TorchTrainer
-    from rich.console import Console
-
-    from modula.data.build import ensure_data, ensure_tokenizer
-    from modula.data.tokenizer import load_tokenizer
-    from modula.infra.connect import connect
-    from modula.model.builtin import (
-        MARKER,
-        build_model,
-        builtin_fingerprint,
-        builtin_info,
-        builtin_key,
-        count_parameters,
-    )
 
     if not cfg.model.is_builtin:
-        raise ValueError(f"model.base is {cfg.model.base!r}: only the built-in model "
+        raise PlanError(f"model.base is {cfg.model.base!r}: only the built-in model "
                          "(builtin:tiny) is pretrained here")
     console = console or Console()
     storage = storage or Storage(cfg.storage)
@@ -351,7 +286,7 @@ def run_pretrain(cfg: ModulaConfig, storage: Storage | None = None, force: bool 
     max_len = stage.max_length or cfg.model.max_length
 
     with tempfile.TemporaryDirectory(prefix="modula-pretrain-") as tmp:
-        tok_dir = storage.local_dir(tok_key, Path(tmp) / "tokenizer") if storage.is_s3 else Path(storage.uri(tok_key))
+        tok_dir = storage.local_dir(tok_key, Path(tmp) / "tokenizer")
         tok = load_tokenizer(tok_dir)
         init = build_model(cfg.model.tiny, tok)
         params = count_parameters(init)
@@ -371,10 +306,8 @@ def run_pretrain(cfg: ModulaConfig, storage: Storage | None = None, force: bool 
 
         # a stable name: a stopped run resumes from its last checkpoint; --force starts afresh
         run_name = f"pretrain-{fp[:16]}" + (time.strftime("-%Y%m%d-%H%M%S") if force else "")
-        storage_path, fs = storage.ray_storage(RUNS_PREFIX)
+        storage_path, fs = storage.ray_storage(PRETRAIN_RUNS)
         board = ProgressBoard(f"modula-progress-{run_name}-{os.getpid()}").create()
-        from modula.data.encode import tokenizer_files
-
         trainer = TorchTrainer(
             pretrain_loop,
             train_loop_config={"cfg": cfg, "tokenizer_files": tokenizer_files(tok_dir), "board": board},
@@ -401,15 +334,15 @@ def run_pretrain(cfg: ModulaConfig, storage: Storage | None = None, force: bool 
             board.close()
         train_seconds = time.time() - t0
         if result.error is not None:
-            raise RuntimeError(f"pretraining failed: {result.error}") from result.error
+            raise StageError(f"pretraining failed: {result.error}") from result.error
         if result.checkpoint is None:
-            raise RuntimeError("pretraining finished without a checkpoint")
+            raise StageError("pretraining finished without a checkpoint")
 
         with result.checkpoint.as_directory() as d:
             hf_dir = Path(tmp) / "hf"
             shutil.copytree(Path(d) / "hf", hf_dir)
             log = checkpoint_metrics(d)
-        log.save(storage, f"{RUNS_PREFIX}/{run_name}/metrics.jsonl")
+        log.save(storage, f"{PRETRAIN_RUNS}/{run_name}/metrics.jsonl")
 
         from transformers import AutoModelForCausalLM
 

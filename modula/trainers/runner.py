@@ -12,27 +12,32 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modula.config import DomainConfig, ModulaConfig
+from pydantic import ValidationError
+from rich.console import Console
+
+from modula.basemodel import load_base_model, resolve_base_dir
+from modula.config.schema import DomainConfig, ModulaConfig
+from modula.data.build import ensure_data
+from modula.data.encode import tokenized_dataset
+from modula.data.io import read_dataset
+from modula.data.tokenizer import load_tokenizer
+from modula.infra.connect import connect
+from modula.infra.layout import TRAIN_RUNS, expert_file, published_name, workspace_key
+from modula.infra.registry import ExpertSpec, Registry
 from modula.infra.storage import Storage
-from modula.trainers.loop import EXPERTS_DIR, _expert_file, adapter_loop
-from modula.trainers.plan import StageRun, plan_stage, stage_runs, workspace_key
+from modula.model import attach_modula, load_expert, save_experts
+from modula.trainers.common import EXPERTS_DIR, PlanError, StageError
+from modula.trainers.loop import adapter_loop
+from modula.trainers.plan import StageRun, plan_stage, stage_runs
 from modula.trainers.progress import FitJob, ProgressBoard, fit_many_with_progress
 
-__all__ = ["RunCost", "StageError", "train", "run_stage", "run_datasets", "publish", "add_domain",
-           "RUNS_PREFIX"]
-
-RUNS_PREFIX = "runs/train"
-
-
-class StageError(RuntimeError):
-    """A stage's run failed (after its retries); the message names the run and the cause."""
+__all__ = ["RunCost", "add_domain", "publish", "run_datasets", "run_stage", "train"]
 
 
 @dataclass
@@ -61,20 +66,11 @@ class RunCost:
 # ------------------------------------------------------------------------------------ data
 
 
-def _tokenizer_dir(cfg: ModulaConfig, storage: Storage) -> Path:
-    from modula.model.builtin import resolve_base_dir
-
-    return resolve_base_dir(cfg, storage)
-
-
 def _run_datasets(cfg: ModulaConfig, run: StageRun, storage: Storage, tok_dir: Path,
                   validate: bool) -> dict[str, Any]:
     """The Ray Data inputs of a run: ``train`` (or ``train_<domain>`` per pinned stream) and,
     for sweeps, ``val`` / ``val_<domain>``."""
     import ray.data
-
-    from modula.data.encode import tokenized_dataset
-    from modula.data.io import read_dataset
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     section = cfg.stages.get(run.section)
@@ -117,7 +113,7 @@ def run_datasets(cfg: ModulaConfig, run: StageRun, storage: Storage | None = Non
     """The materialized Ray Data inputs of ``run`` (``run_stage(datasets=...)`` takes them: a
     sweep builds them once for all its trials)."""
     storage = storage or Storage(cfg.storage)
-    return _run_datasets(cfg, run, storage, _tokenizer_dir(cfg, storage), validate)
+    return _run_datasets(cfg, run, storage, resolve_base_dir(cfg, storage), validate)
 
 
 # ------------------------------------------------------------------------------------ runs
@@ -131,7 +127,7 @@ def _trainer(cfg: ModulaConfig, run: StageRun, storage: Storage, datasets: dict[
 
     section = cfg.stages.get(run.section)
     sc = section.scaling
-    storage_path, fs = storage.ray_storage(RUNS_PREFIX)
+    storage_path, fs = storage.ray_storage(TRAIN_RUNS)
     resources = {"CPU": sc.cpus_per_worker}
     if sc.use_gpu:
         resources["GPU"] = sc.gpus_per_worker
@@ -160,9 +156,7 @@ def _inputs_dir(cfg: ModulaConfig, storage: Storage, work_key: str, cache: Path)
     place (one machine, or a shared file system); S3 is copied once to a local cache."""
     if not storage.list(work_key):
         return None
-    if storage.is_s3:
-        return str(storage.download_dir(work_key, cache))
-    return storage.uri(work_key)
+    return str(storage.local_dir(work_key, cache))
 
 
 def _parallel_runs(cfg: ModulaConfig, runs: list[StageRun]) -> int:
@@ -192,10 +186,10 @@ def _collect(result: Any, run: StageRun, storage: Storage, work_key: str, wall: 
                              "(it was not written by the last step)")
         cost = json.loads(cost_path.read_text())
         for name in run.trains:
-            f = experts / _expert_file(name)
+            f = experts / expert_file(name)
             if not f.is_file():
                 raise StageError(f"run {run.name}: the final checkpoint lacks expert {name!r}")
-            storage.upload_file(f, f"{work_key}/{_expert_file(name)}")
+            storage.upload_file(f, f"{work_key}/{expert_file(name)}")
     metrics = dict(result.metrics or {})
     rc = RunCost(
         run=run.name, stage=run.stage, variant=run.variant, trains=list(run.trains),
@@ -222,18 +216,12 @@ def run_stage(cfg: ModulaConfig, runs: list[StageRun], storage: Storage | None =
     ``name``'s, which still provides the earlier stages' experts (a sweep's trials).
     ``datasets``: prebuilt inputs (:func:`run_datasets`) every run of the wave uses.
     """
-    from rich.console import Console
-
-    from modula.data.build import ensure_data
-    from modula.data.tokenizer import load_tokenizer
-    from modula.infra.connect import connect
-
     console = console or Console()
     storage = storage or Storage(cfg.storage)
     connect(cfg.cluster)
     needed = sorted({d for r in runs for d in r.data})
     ensure_data(cfg, storage, needed)
-    tok_dir = _tokenizer_dir(cfg, storage)
+    tok_dir = resolve_base_dir(cfg, storage)
     pad_id = int(load_tokenizer(tok_dir).pad_token_id or 0)
     variant = runs[0].variant
     work_key = workspace_key(cfg, name, variant)
@@ -281,8 +269,6 @@ def train(cfg: ModulaConfig, stage: str = "all", storage: Storage | None = None,
           name: str | None = None, console: Any | None = None, show_progress: bool = True,
           publish_result: bool = True) -> list[RunCost]:
     """Train a stage (or ``all`` of them, in order) and, once the model is complete, publish."""
-    from rich.console import Console
-
     console = console or Console()
     storage = storage or Storage(cfg.storage)
     costs: list[RunCost] = []
@@ -298,23 +284,11 @@ def train(cfg: ModulaConfig, stage: str = "all", storage: Storage | None = None,
 # ------------------------------------------------------------------------------------ publish
 
 
-def _registry_name(cfg: ModulaConfig, name: str | None, variant: str) -> str:
-    from modula.infra.registry import published_name
-
-    return published_name(cfg, variant, name)
-
-
 def publish(cfg: ModulaConfig, storage: Storage | None = None, name: str | None = None,
             variant: str | None = None, costs: list[RunCost] | None = None,
             console: Any | None = None, base_version: int | None = None,
             domains: list[str] | None = None) -> Any:
     """Assemble the workspace's experts into a complete experts directory and publish it."""
-    from rich.console import Console
-
-    from modula.infra.registry import ExpertSpec, Registry
-    from modula.model import attach_modula, load_expert, save_experts
-    from modula.model.builtin import load_base_model
-
     console = console or Console()
     storage = storage or Storage(cfg.storage)
     variant = variant or cfg.modula.variant
@@ -331,17 +305,14 @@ def publish(cfg: ModulaConfig, storage: Storage | None = None, name: str | None 
         if not storage.list(work_key):
             raise StageError(f"cannot publish: no expert has been trained for {variant} "
                              f"({storage.uri(work_key)} is empty)")
-        if storage.is_s3:
-            storage.download_dir(work_key, src)
-        else:
-            shutil.copytree(storage.uri(work_key), src)
+        storage.download_dir(work_key, src)
         names = (["universal"] if variant != "molora" else []) + list(domain_list) + (
             ["routers"] if variant != "lora" else [])
         for n in names:
-            f = src / _expert_file(n)
+            f = src / expert_file(n)
             if not f.is_file():
                 raise StageError(f"cannot publish: expert {n!r} has not been trained "
-                                 f"({storage.uri(f'{work_key}/{_expert_file(n)}')} is missing)")
+                                 f"({storage.uri(f'{work_key}/{expert_file(n)}')} is missing)")
             load_expert(model, n, f)
         out = Path(tmp) / "experts"
         manifest = save_experts(model, out, base_model_id=cfg.model.base)
@@ -358,7 +329,7 @@ def publish(cfg: ModulaConfig, storage: Storage | None = None, name: str | None 
             )
         registry = Registry.from_config(cfg)
         version = registry.publish(
-            _registry_name(cfg, name, variant), out,
+            published_name(cfg, variant, name), out,
             metadata={"base_model": {"id": cfg.model.base,
                                      "sha256": manifest["base_model"]["fingerprint"]},
                       "variant": variant, "domains": manifest["domains"],
@@ -392,22 +363,18 @@ def add_domain(cfg: ModulaConfig, domain: str, data: str | None = None,
                metric: str = "exact_match") -> tuple[Any, list[RunCost]]:
     """Plug a new domain into the published model: train its expert (stage 2) and the routers
     (stage 3) only, then publish on top of the latest version. Old experts are not touched."""
-    from rich.console import Console
-
-    from modula.infra.registry import Registry
-
     console = console or Console()
     storage = storage or Storage(cfg.storage)
     variant = cfg.modula.variant
     if variant not in ("flan", "res"):
-        raise ValueError(f"add-domain needs a MoDULA variant (flan, res), not {variant!r}: "
+        raise PlanError(f"add-domain needs a MoDULA variant (flan, res), not {variant!r}: "
                          "the baselines are retrained from scratch")
     registry = Registry.from_config(cfg)
-    rname = _registry_name(cfg, name, variant)
+    rname = published_name(cfg, variant, name)
     latest = registry.show(rname)
     old_domains = latest.metadata.get("domains") or latest.domains()
     if domain in old_domains:
-        raise ValueError(f"domain {domain!r} is already in {rname} v{latest.version} "
+        raise PlanError(f"domain {domain!r} is already in {rname} v{latest.version} "
                          f"(domains: {', '.join(old_domains)})")
     # the config gains the domain (a built-in one, or user data at `data`)
     known = {d.name for d in cfg.domains}
@@ -416,8 +383,14 @@ def add_domain(cfg: ModulaConfig, domain: str, data: str | None = None,
                        for d in cfg.domains]
     else:
         if data is None:
-            raise ValueError(f"domain {domain!r} is not in the config: give its data with --data")
-        domains_cfg = [*cfg.domains, DomainConfig(name=domain, source=data, metric=metric)]
+            raise PlanError(f"domain {domain!r} is not in the config: give its data with --data")
+        try:
+            new = DomainConfig(name=domain, source=data, metric=metric)
+        except ValidationError as exc:
+            err = exc.errors(include_url=False)[0]
+            raise PlanError(f"domain {domain!r}: {'.'.join(map(str, err['loc']))}: "
+                            f"{err['msg']}") from None
+        domains_cfg = [*cfg.domains, new]
     cfg = cfg.model_copy(update={"domains": domains_cfg})
     new_order = [*old_domains, domain]
 
@@ -427,7 +400,7 @@ def add_domain(cfg: ModulaConfig, domain: str, data: str | None = None,
         local = registry.fetch(rname, latest.version, Path(tmp) / "latest")
         for n, e in local.manifest.experts.items():
             if n != "routers":
-                storage.upload_file(local.path / e.file, f"{work_key}/{_expert_file(n)}")
+                storage.upload_file(local.path / e.file, f"{work_key}/{expert_file(n)}")
     costs: list[RunCost] = []
     (expert_run,) = stage_runs(cfg, "domains", domains=[domain], name=name)
     expert_run = StageRun(**{**expert_run.__dict__, "domains": tuple(new_order)})

@@ -42,9 +42,9 @@ def tune_cmd(
     ranked trials, a plot and the best trial as a config file."""
     import ray
 
+    from modula.basemodel import BaseModelMissing
     from modula.config import ConfigError
     from modula.config.options import load_or_exit
-    from modula.model.builtin import BaseModelMissing
     from modula.trainers.runner import StageError
     from modula.tuning.sweep import SweepError, run_sweep
 

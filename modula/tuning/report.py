@@ -7,15 +7,16 @@ import copy
 import csv
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
+from rich.table import Table
 
-from modula.config import ModulaConfig, apply_overrides, config_from_dict, load_config
+from modula.config.loader import apply_overrides, config_from_dict, load_config
+from modula.config.schema import ModulaConfig
 from modula.config.tuning import tune_section, tune_target
-
-if TYPE_CHECKING:
-    from modula.tuning.sweep import SweepResult
+from modula.tuning.results import SweepResult
+from modula.tuning.space import coerce_value
 
 __all__ = ["write_outputs", "results_table", "best_config_text", "plot_sweep"]
 
@@ -46,8 +47,6 @@ def _rows(result: SweepResult) -> tuple[list[str], list[list[str]]]:
 
 def results_table(result: SweepResult) -> Any:
     """The ranked trials as a rich Table."""
-    from rich.table import Table
-
     head, rows = _rows(result)
     best = f", best {result.best.trial_id}" if result.best else ""
     t = Table(title=f"sweep {result.name} ({result.stage}): {result.metric}, "
@@ -164,8 +163,6 @@ def best_config_text(result: SweepResult, cfg: ModulaConfig,
               f"# train with: modula train --config <this file> --stage "
               f"{_train_stage(result.stage)}"]
     if source_raw is not None:
-        from modula.tuning.space import coerce_value
-
         raw = copy.deepcopy(source_raw)
         sets = []
         for k, v in best.params.items():

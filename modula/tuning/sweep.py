@@ -1,6 +1,6 @@
 """A Ray Tune sweep over one stage; every trial is a Ray Train run of that stage.
 
-Train V2 pattern (RAY_NOTES.md): the trainable is a plain Tune function that builds and fits the
+Train V2 pattern (docs/ray.md): the trainable is a plain Tune function that builds and fits the
 stage's ``TorchTrainer`` (through :func:`modula.trainers.runner.run_stage`) with a run name
 ending in the trial id and ``TuneReportCallback`` forwarding its validation reports, so ASHA
 sees them. The trial trains from the model's workspace (earlier stages' experts) and writes its
@@ -18,13 +18,32 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from modula.config import ConfigError, ModulaConfig, config_from_dict
+from rich.console import Console
+
+from modula.basemodel import resolve_base_dir
+from modula.config.loader import ConfigError, config_from_dict
+from modula.config.schema import ModulaConfig
+from modula.config.tuning import tune_section
+from modula.data.build import ensure_data
+from modula.infra.connect import connect
+from modula.infra.layout import (
+    TUNE,
+    TUNE_TRIALS,
+    expert_file,
+    sweep_name,
+    sweep_workspace,
+    workspace_key,
+)
 from modula.infra.storage import Storage
+from modula.trainers import PlanError, run_datasets, run_stage, stage_runs
+from modula.tuning.report import write_outputs
+from modula.tuning.results import SweepError, SweepResult, TrialRow
 from modula.tuning.space import (
+    apply_params,
     max_steps,
     param_space,
     report_count,
@@ -32,60 +51,10 @@ from modula.tuning.space import (
     trial_config,
 )
 
-__all__ = ["SweepError", "SweepResult", "TrialRow", "run_sweep", "sweep_name", "TUNE_PREFIX"]
-
-TUNE_PREFIX = "tune"
-TRIALS_PREFIX = f"{TUNE_PREFIX}/_trials"
+__all__ = ["run_sweep"]
 
 # which `modula train --stage` produces an expert a stage loads
 _PRODUCER = {"universal": "universal"}
-
-
-class SweepError(RuntimeError):
-    """A sweep that cannot start or finish; the message says what to do."""
-
-
-@dataclass
-class TrialRow:
-    """One trial as the results table shows it."""
-
-    trial_id: str
-    status: str  # finished | stopped early | error | incomplete
-    params: dict[str, Any]
-    metric: float | None
-    steps_done: int
-    steps: int
-    reports: int
-    starts: int = 1
-    wall_seconds: float | None = None
-    trainable_parameters: int | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-    error: str | None = None
-    run_name: str | None = None
-    rank: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class SweepResult:
-    """A finished sweep: its trials ranked best first, the best one, the files written."""
-
-    name: str
-    stage: str
-    metric: str
-    mode: str
-    path: str
-    trials: list[TrialRow]
-    best: TrialRow | None
-    best_config: ModulaConfig | None
-    files: dict[str, Path] = field(default_factory=dict)
-    resumed: bool = False
-
-    @property
-    def stopped_early(self) -> list[TrialRow]:
-        return [t for t in self.trials if t.status == "stopped early"]
 
 
 @dataclass
@@ -106,14 +75,10 @@ def _trial(config: dict[str, Any], spec: _TrialSpec) -> None:
     """The Tune function of one trial: one Ray Train run of the stage with the sampled values."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
-    from rich.console import Console
-
-    from modula.trainers.plan import stage_runs
-    from modula.trainers.runner import run_stage
 
     trial_id = ray.tune.get_context().get_trial_id()
     storage = Storage(spec.cfg.storage)
-    record = f"{TRIALS_PREFIX}/{spec.sweep}/{trial_id}"
+    record = f"{TUNE_TRIALS}/{spec.sweep}/{trial_id}"
     storage.write_text(f"{record}/start-{time.time_ns()}.json",
                        json.dumps({"pid": os.getpid(), "params": config, "time": time.time()}))
     cfg = trial_config(spec.cfg, spec.stage, config)
@@ -123,7 +88,7 @@ def _trial(config: dict[str, Any], spec: _TrialSpec) -> None:
     t0 = time.time()
     (cost,) = run_stage(cfg, [run], storage, name=spec.name, console=Console(quiet=True),
                         show_progress=False, validate=True, callbacks=[TuneReportCallback()],
-                        output_name=f"tune-{spec.sweep}-{trial_id}", datasets=spec.datasets)
+                        output_name=sweep_workspace(spec.sweep, trial_id), datasets=spec.datasets)
     storage.write_text(f"{record}/summary.json", json.dumps(
         {"run": run.name, "params": config, "wall_seconds": time.time() - t0,
          "cost": cost.to_dict()}, default=str))
@@ -132,28 +97,17 @@ def _trial(config: dict[str, Any], spec: _TrialSpec) -> None:
 # ------------------------------------------------------------------------------------ checks
 
 
-def sweep_name(cfg: ModulaConfig, stage: str, name: str | None = None) -> str:
-    """The experiment's stable name: ``tune.name``, or ``<model>-<variant>-<stage>``."""
-    if cfg.tune.name:
-        return cfg.tune.name
-    variant = stage if stage in ("lora", "molora") else cfg.modula.variant
-    return f"{name or cfg.serve.model_name}-{variant}-{stage.replace(':', '-')}"
-
-
 def _check_inputs(cfg: ModulaConfig, storage: Storage, stage: str, name: str | None) -> Any:
     """The stage's run, once its earlier stages' experts are in the workspace."""
-    from modula.trainers.loop import _expert_file
-    from modula.trainers.plan import stage_runs, workspace_key
-
     plan, domains, _ = stage_plan(stage)
     try:
         runs = stage_runs(cfg, plan, domains=domains, name=name)
-    except ValueError as exc:
+    except PlanError as exc:
         raise SweepError(f"cannot tune stage {stage!r}: {exc}") from None
     run = runs[0]
     key = workspace_key(cfg, name, run.variant)
     have = set(storage.list(key))
-    missing = [n for n in run.inputs if f"{key}/{_expert_file(n)}" not in have]
+    missing = [n for n in run.inputs if f"{key}/{expert_file(n)}" not in have]
     if missing:
         first = _PRODUCER.get(missing[0], "domains")
         raise SweepError(
@@ -167,8 +121,6 @@ def _check_inputs(cfg: ModulaConfig, storage: Storage, stage: str, name: str | N
 
 def _concurrency(cfg: ModulaConfig, stage: str, resources: dict[str, float]) -> int:
     """``max_concurrent_trials``, capped by how many trials' Train runs fit the cluster."""
-    from modula.config.tuning import tune_section
-
     st = cfg.stages.get(tune_section(stage)).scaling
     res = cfg.tune.resources
     workers = res.num_workers or st.num_workers
@@ -212,16 +164,6 @@ def _scheduler(cfg: ModulaConfig, stage: str) -> Any:
                          reduction_factor=spec.reduction_factor)
 
 
-def _delete_prefix(storage: Storage, key: str) -> None:
-    if not storage.is_s3:
-        import shutil
-
-        shutil.rmtree(storage.uri(key), ignore_errors=True)
-        return
-    for k in storage.list(key):
-        storage.delete(k)
-
-
 # ------------------------------------------------------------------------------------ sweep
 
 
@@ -237,13 +179,6 @@ def run_sweep(cfg: ModulaConfig, stage: str | None = None, storage: Storage | No
     config is that file with the best values in place, so secrets stay references.
     """
     import ray.tune
-    from rich.console import Console
-
-    from modula.data.build import ensure_data
-    from modula.infra.connect import connect
-    from modula.model.builtin import resolve_base_dir
-    from modula.trainers.runner import run_datasets
-    from modula.tuning.report import write_outputs
 
     console = console or Console()
     stage = stage or cfg.tune.stage
@@ -258,13 +193,13 @@ def run_sweep(cfg: ModulaConfig, stage: str | None = None, storage: Storage | No
     run = _check_inputs(cfg, storage, stage, name)
     resolve_base_dir(cfg, storage)  # BaseModelMissing: `modula pretrain` first
 
-    storage_path, fs = storage.ray_storage(TUNE_PREFIX)
-    path = storage.uri(f"{TUNE_PREFIX}/{sweep}")
+    storage_path, fs = storage.ray_storage(TUNE)
+    path = storage.uri(f"{TUNE}/{sweep}")
     restore_path = f"{storage_path.rstrip('/')}/{sweep}"
     exists = ray.tune.Tuner.can_restore(restore_path, storage_filesystem=fs)
     if fresh and exists:
-        _delete_prefix(storage, f"{TUNE_PREFIX}/{sweep}")
-        _delete_prefix(storage, f"{TRIALS_PREFIX}/{sweep}")
+        storage.delete_prefix(f"{TUNE}/{sweep}")
+        storage.delete_prefix(f"{TUNE_TRIALS}/{sweep}")
         exists = False
     if resume and not exists:
         raise SweepError(f"no sweep to resume at {path} (start it without --resume)")
@@ -318,9 +253,6 @@ def run_sweep(cfg: ModulaConfig, stage: str | None = None, storage: Storage | No
 
 def _collect(cfg: ModulaConfig, storage: Storage, stage: str, sweep: str, path: str,
              grid: Any, resumed: bool) -> SweepResult:
-    from modula.config.tuning import tune_section
-    from modula.tuning.space import apply_params
-
     metric, mode = cfg.tune.metric_name, cfg.tune.mode_name
     section = tune_section(stage)
     rows: list[TrialRow] = []
@@ -330,7 +262,7 @@ def _collect(cfg: ModulaConfig, storage: Storage, stage: str, sweep: str, path: 
         params = {k: res.config[k] for k in sorted(res.config or {})}
         steps = int(params.get("steps", cfg.stages.get(section).steps))
         steps_done = int(m.get("step", 0) or 0)
-        record = f"{TRIALS_PREFIX}/{sweep}/{trial_id}"
+        record = f"{TUNE_TRIALS}/{sweep}/{trial_id}"
         keys = storage.list(record)
         summary: dict[str, Any] = {}
         if f"{record}/summary.json" in keys:
