@@ -11,40 +11,46 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Any
 
+import openai
 import typer
+from ray import serve
 from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
-if TYPE_CHECKING:
-    from modula.config import ModulaConfig
-    from modula.eval.evaluate import DomainResult
-    from modula.infra.storage import Storage
+from modula.config.loader import load_config
+from modula.config.options import ConfigOpt, SetOpt
+from modula.config.schema import ModulaConfig
+from modula.data.build import ensure_data
+from modula.data.io import read_records
+from modula.eval.evaluate import DomainResult
+from modula.eval.report import domain_line, render_table, write_report
+from modula.eval.run import run_eval
+from modula.infra.commands import print_resources
+from modula.infra.connect import ray_session
+from modula.infra.storage import Storage
+from modula.serving.deploy import deploy, preflight
+from modula.trainers import run_pretrain, train
+
+__all__ = ["answers_table", "register", "run_demo", "serve_and_query"]
 
 console = Console()
 
 
 def run_demo(config: Path | None, sets: list[str] | None) -> None:
-    from modula.cli import _print_resources, load_or_exit
-    from modula.data.build import ensure_data
-    from modula.eval.report import render_table, write_report
-    from modula.eval.run import run_eval
-    from modula.infra.connect import ray_session
-    from modula.infra.storage import Storage
-    from modula.trainers.pretrain import run_pretrain
-    from modula.trainers.runner import train
-
     t0 = time.time()
     phases: dict[str, float] = {}
     console.rule("[bold]modula demo")
-    cfg = load_or_exit(config, sets)
+    cfg = load_config(config, sets)
     console.print(
         f"config valid: variant={cfg.modula.variant}, base={cfg.model.base}, "
         f"experts={cfg.expert_domains()}, storage={cfg.storage.root}"
     )
     storage = Storage(cfg.storage)
     with ray_session(cfg.cluster) as resources:
-        _print_resources(cfg, resources)
+        print_resources(cfg, resources)
         phases["start Ray"] = time.time() - t0
         mark = time.time()
         console.rule("1. data")
@@ -81,8 +87,6 @@ def run_demo(config: Path | None, sets: list[str] | None) -> None:
 
 
 def _show_domain(r: DomainResult) -> None:
-    from modula.eval.report import domain_line
-
     console.print(domain_line(r))
 
 
@@ -94,8 +98,6 @@ def _phase(phases: dict[str, float], name: str, since: float) -> float:
 
 def _print_phases(phases: dict[str, float]) -> None:
     """Where the time went: the first thing to look at when the demo is slower than expected."""
-    from rich.table import Table
-
     table = Table(title="demo wall time")
     table.add_column("phase")
     table.add_column("seconds", justify="right")
@@ -108,13 +110,6 @@ def serve_and_query(cfg: ModulaConfig, storage: Storage) -> None:
     """Deploy the graph `modula serve` deploys, send each domain's first test prompt through the
     official OpenAI client (routed by the gates, not pinned), print the answers with the gate
     weights, and shut the application down whatever happens."""
-    import openai
-    from ray import serve
-    from rich.table import Table
-
-    from modula.data.io import read_records
-    from modula.serving.deploy import deploy, preflight
-
     info = preflight(cfg)
     console.print(f"deploying {info['registry_model']} v{info['version']} "
                   f"({', '.join(info['domains'])}) on {cfg.serve.host}:{cfg.serve.port} ...")
@@ -125,20 +120,18 @@ def serve_and_query(cfg: ModulaConfig, storage: Storage) -> None:
         served = [m.id for m in client.models.list().data]
         console.print(f"[green]ready[/] in {time.time() - t0:.0f}s: {url}/v1, models: "
                       + ", ".join(served))
-        table = Table(title=f"one request per domain: model {cfg.serve.model_name!r}, routed "
-                            "per token by the gates")
-        for col in ("domain", "prompt", "answer", "expected", "gate weights"):
-            table.add_column(col, overflow="fold")
+        answers = []
         for domain in info["domains"]:
             row = read_records(storage, domain, "test", 1)[0]
             r = client.chat.completions.create(
                 model=cfg.serve.model_name, temperature=0, max_tokens=48,
                 messages=[{"role": "user", "content": row["prompt"]}])
             gates = (r.model_extra or {}).get("modula", {}).get("gates") or {}
-            top = sorted(gates.items(), key=lambda kv: -kv[1])
-            table.add_row(domain, _short(row["prompt"]), _short(r.choices[0].message.content),
-                          _short(row["response"]),
-                          " ".join(f"{k}={v:.2f}" for k, v in top))
+            answers.append({"domain": domain, "prompt": row["prompt"],
+                            "answer": r.choices[0].message.content,
+                            "expected": row["response"], "gates": gates})
+        table = answers_table(answers, f"one request per domain: model "
+                                       f"{cfg.serve.model_name!r}, routed per token by the gates")
         console.print(table)
     finally:
         with contextlib.suppress(Exception):
@@ -148,6 +141,24 @@ def serve_and_query(cfg: ModulaConfig, storage: Storage) -> None:
         console.print("serve application stopped")
 
 
+def answers_table(answers: list[dict[str, Any]], title: str) -> Table:
+    """One row per domain: the prompt, the served answer, the expected one and the gate
+    weights, one line each, so the table reads at 80 columns."""
+    table = Table(title=title)
+    table.add_column("domain", style="cyan", no_wrap=True)
+    table.add_column("request", overflow="fold")
+    for a in answers:
+        top = sorted(a["gates"].items(), key=lambda kv: -kv[1])
+        text = Text()
+        for label, value in (("prompt", _short(a["prompt"])), ("answer", _short(a["answer"])),
+                             ("expected", _short(a["expected"])),
+                             ("gates", " ".join(f"{k}={v:.2f}" for k, v in top))):
+            text.append(f"{label}: ", style="dim")
+            text.append(f"{value}\n" if label != "gates" else value)
+        table.add_row(a["domain"], text)
+    return table
+
+
 def _short(text: str | None, limit: int = 90) -> str:
     text = " ".join((text or "").split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -155,9 +166,6 @@ def _short(text: str | None, limit: int = 90) -> str:
 
 def register(app: typer.Typer) -> None:
     @app.command()
-    def demo(
-        config: Annotated[Path | None, typer.Option("--config", "-c")] = None,
-        set_: Annotated[list[str] | None, typer.Option("--set")] = None,
-    ) -> None:
+    def demo(config: ConfigOpt = None, set_: SetOpt = None) -> None:
         """Run the main job end to end on the config (default: the embedded default)."""
         run_demo(config, set_)

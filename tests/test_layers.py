@@ -2,7 +2,8 @@
 sits at module top, and no two modula modules import each other in a circle.
 
 The table is the architecture (docs/architecture.md); a change to it is a design decision, not
-a way to make this test pass.
+a way to make this test pass. ``modula.cli`` loads a command's module by name when the command
+runs (its table of contents, :data:`modula.cli.COMMANDS`): those are not imports.
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("modula.tuning",),
     ("modula.cluster", "modula.cli", "modula.demo"),
 )
+
+
+# modules imported inside a function on purpose, and why; nothing else may be
+LAZY = {
+    "modula.kernels._triton_src": "importing the kernel sources imports triton, an optional "
+                                  "package, and must wait until a Triton kernel is first used",
+}
 
 
 def layer_of(module: str) -> int:
@@ -151,7 +159,7 @@ def problems(modules: dict[str, tuple[str, bool]]) -> list[str]:
     out = [f"{i.source}:{i.line} imports {i.target} (layer {layer_of(i.target)} above "
            f"{layer_of(i.source)})" for i in upward(imports)]
     out += [f"{i.source}:{i.line} imports {i.target} inside a function" for i in imports
-            if i.in_function]
+            if i.in_function and i.target not in LAZY]
     out += [f"import cycle: {' <-> '.join(c)}" for c in cycles(imports)]
     return out
 
@@ -164,7 +172,6 @@ def test_every_module_has_a_layer():
         layer_of(name)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13: the restructure is under way")
 def test_imports_point_down_at_module_top_without_cycles():
     found = problems(all_modules())
     assert not found, "\n".join(found)
@@ -199,3 +206,15 @@ def test_relative_and_type_checking_imports_are_read(source, target):
     known = set(all_modules()) | {"modula.model.layer"}
     found = imports_of(source, "modula.model.files", False, known)
     assert [i.target for i in found] == [target]
+
+
+def test_every_command_module_registers():
+    """The CLI's table of contents names modules that exist and define register(app)."""
+    from modula.cli import COMMANDS
+
+    modules = all_modules()
+    for command, module in COMMANDS.items():
+        assert module in modules, f"{command}: no module {module}"
+        tree = ast.parse(modules[module][0])
+        assert any(isinstance(n, ast.FunctionDef) and n.name == "register" for n in tree.body), \
+            f"{module} has no register(app)"

@@ -14,12 +14,14 @@ from __future__ import annotations
 import json
 import re
 import shlex
+from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
-from modula.config import ModulaConfig
-from modula.config.schema import NodeType
+from modula.config.schema import ModulaConfig, NodeType
+from modula.errors import ModulaError
 from modula.serving import topology
 
 __all__ = ["TARGETS", "RenderError", "render_target", "render_objects", "embedded_config"]
@@ -37,8 +39,10 @@ SECRET_ENV = {
 }
 
 
-class RenderError(ValueError):
+class RenderError(ModulaError, ValueError):
     """The config cannot be turned into the requested file (the message says why)."""
+
+    exit_code = 2
 
 
 def _k8s_name(cfg: ModulaConfig) -> str:
@@ -85,7 +89,6 @@ def serve_config(cfg: ModulaConfig) -> dict[str, Any]:
 
 def check_serve_config(data: dict[str, Any]) -> None:
     """Validate with Ray Serve's own schema; raises RenderError naming the problem."""
-    from pydantic import ValidationError
     from ray.serve.schema import ServeDeploySchema
 
     try:
@@ -368,8 +371,6 @@ def cluster_launcher(cfg: ModulaConfig) -> dict[str, Any]:
 
 def check_cluster_launcher(data: dict[str, Any]) -> None:
     """Validate with the JSON schema shipped in the ray wheel (ray/autoscaler/ray-schema.json)."""
-    from pathlib import Path
-
     import jsonschema
     import ray.autoscaler
 

@@ -31,7 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modula.cli import main
 from modula.config.schema import ModulaConfig
+from modula.errors import ModulaError
 from modula.infra.layout import scratch_dir
 
 __all__ = [
@@ -60,8 +62,10 @@ EXIT_STOPPED = 130  # as a shell reports a command ended by Ctrl-C
 EXIT_SUBMIT_ERROR = 3  # the job could not be submitted (or attached to)
 
 
-class SubmitError(Exception):
+class SubmitError(ModulaError):
     """The job could not be submitted: cluster unreachable, id taken, bad project folder."""
+
+    exit_code = EXIT_SUBMIT_ERROR
 
 
 @dataclass(frozen=True)
@@ -403,8 +407,6 @@ def job_main(argv: Sequence[str] | None = None) -> None:
     cfg_file = tmpdir / "config.yaml"
     cfg_file.write_text(text)
     os.environ.pop(CONFIG_ENV, None)  # not inherited by what the command starts
-    from modula.cli import main
-
     sys.argv = ["modula", *_compose(args, (), str(cfg_file))]
     try:
         main()

@@ -14,7 +14,7 @@ from modula.config.loader import load_config
 from modula.config.options import ConfigOpt, SetOpt
 from modula.errors import UsageError
 
-__all__ = ["register", "validate"]
+__all__ = ["config_table", "register", "validate"]
 
 
 def _flatten(d: object, prefix: str = "") -> list[tuple[str, str]]:
@@ -32,6 +32,16 @@ def _flatten(d: object, prefix: str = "") -> list[tuple[str, str]]:
     return rows
 
 
+def config_table(data: dict[str, object], title: str) -> Table:
+    """A config as one row per field (``section.field``), values folded to the width."""
+    table = Table(title=title, show_lines=False)
+    table.add_column("field", style="cyan", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    for k, v in _flatten(data):
+        table.add_row(k, v)
+    return table
+
+
 def validate(
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -46,12 +56,7 @@ def validate(
     if fmt != "table":
         raise UsageError(f"--format: {fmt!r} is not allowed (allowed: table, yaml)")
     console = Console()
-    table = Table(title=f"modula config: {config or 'embedded default'}", show_lines=False)
-    table.add_column("field", style="cyan", no_wrap=True)
-    table.add_column("value", overflow="fold")
-    for k, v in _flatten(data):
-        table.add_row(k, v)
-    console.print(table)
+    console.print(config_table(data, f"modula config: {config or 'embedded default'}"))
     console.print("[green]config is valid[/]")
 
 

@@ -18,19 +18,3 @@ SetOpt = Annotated[
     typer.Option("--set", help="Override a field: --set stages.router.lr=1e-3 (repeatable)."),
 ]
 
-
-def load_or_exit(config: Path | None, sets: list[str] | None):
-    """Load the config or print its problems and exit 2."""
-    from rich.console import Console
-
-    from modula.config.loader import ConfigError, load_config
-
-    try:
-        return load_config(config, sets or [])
-    except ConfigError as exc:
-        err = Console(stderr=True, soft_wrap=True)
-        src = f" {exc.source}" if exc.source else ""
-        err.print(f"[bold red]invalid config{src}[/]", highlight=False)
-        for p in exc.problems:
-            err.print(f"  {p}", highlight=False, markup=False)
-        raise typer.Exit(2) from None

@@ -4,13 +4,41 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from modula.config.loader import load_config
 from modula.config.options import ConfigOpt, SetOpt
+from modula.data.build import build_data, ensure_tokenizer
+from modula.infra.layout import DATA
+from modula.infra.storage import Storage
+
+__all__ = ["build_cmd", "datasets_table", "register"]
+
+_SPLITS = ("train", "validation", "test", "corpus")
+
+
+def datasets_table(title: str) -> tuple[Table, Any]:
+    """The table ``data build`` fills, and the function that adds one domain's manifest."""
+    table = Table(title=title, caption="groups: distinct source groups in train / validation / "
+                                       "test (no group is in two splits)")
+    table.add_column("domain", overflow="fold")
+    table.add_column("source", overflow="fold")
+    for col in ("train", "valid", "test", "corpus"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("groups", justify="right", no_wrap=True)
+    table.add_column("status", overflow="fold")
+
+    def add(m: dict[str, Any]) -> None:
+        c, g = m["counts"], m.get("groups", {})
+        table.add_row(m["domain"], m["source"], *(str(c.get(s, "")) for s in _SPLITS),
+                      "/".join(str(g.get(s, "")) for s in ("train", "validation", "test")),
+                      "cached" if m.get("cached") else f"built in {m.get('seconds', 0):.1f}s")
+
+    return table, add
 
 
 def build_cmd(
@@ -20,32 +48,14 @@ def build_cmd(
     force: Annotated[bool, typer.Option("--force", help="Rebuild even when the fingerprint matches.")] = False,
 ) -> None:
     """Build the domain datasets (parquet) and, for the built-in model, its tokenizer."""
-    from modula.cli import load_or_exit
-    from modula.data.build import build_data, ensure_tokenizer
-    from modula.data.userdata import UserDataError
-    from modula.infra.storage import Storage
-
-    cfg = load_or_exit(config, set_)
+    cfg = load_config(config, set_)
     console = Console()
     storage = Storage(cfg.storage)
-    table = Table(title=f"datasets in {storage.uri('data')}")
-    for col in ("domain", "source", "train", "validation", "test", "corpus", "groups (tr/va/te)", "status"):
-        table.add_column(col, justify="right" if col in ("train", "validation", "test", "corpus") else "left")
+    table, add = datasets_table(f"datasets in {storage.uri(DATA)}")
     t0 = time.time()
-
-    def row(m: dict) -> None:
-        c, g = m["counts"], m.get("groups", {})
-        table.add_row(m["domain"], m["source"], *(str(c.get(s, "")) for s in ("train", "validation", "test", "corpus")),
-                      "/".join(str(g.get(s, "")) for s in ("train", "validation", "test")),
-                      "cached" if m.get("cached") else f"built in {m.get('seconds', 0):.1f}s")
-
-    try:
-        with console.status("building datasets"):
-            build_data(cfg, storage, domains=domain or None, force=force, on_domain=row)
-            tok = ensure_tokenizer(cfg, storage, force=force) if cfg.model.is_builtin and not domain else None
-    except (UserDataError, KeyError, FileNotFoundError) as exc:
-        Console(stderr=True).print(f"[bold red]error[/]: {exc}", highlight=False)
-        raise typer.Exit(1) from None
+    with console.status("building datasets"):
+        build_data(cfg, storage, domains=domain or None, force=force, on_domain=add)
+        tok = ensure_tokenizer(cfg, storage, force=force) if cfg.model.is_builtin and not domain else None
     console.print(table)
     if tok:
         console.print(f"tokenizer: {storage.uri(tok)}")

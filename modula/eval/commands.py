@@ -8,13 +8,16 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from modula.config.loader import load_config
 from modula.config.options import ConfigOpt, SetOpt
+from modula.errors import ModulaError
+from modula.eval.evaluate import DomainResult
+from modula.eval.report import ResultsMissing, domain_line, load_results, render_table, write_report
+from modula.eval.run import load_model_dir, run_eval
 from modula.infra.layout import EVAL_RESULTS
+from modula.infra.storage import Storage
 
-
-def _fail(msg: str) -> typer.Exit:
-    Console(stderr=True).print(f"[bold red]error[/]: {msg}", highlight=False)
-    return typer.Exit(1)
+__all__ = ["eval_cmd", "register", "report_cmd"]
 
 
 def eval_cmd(
@@ -28,33 +31,24 @@ def eval_cmd(
     limit: Annotated[int | None, typer.Option(help="Examples per domain (default: eval.max_examples).")] = None,
 ) -> None:
     """Evaluate one model on every configured domain and store its result."""
-    from modula.basemodel import BaseModelMissing
-    from modula.cli import load_or_exit
-    from modula.eval.report import domain_line, render_table
-    from modula.eval.run import load_model_dir, run_eval
-    from modula.infra.storage import Storage
-
-    cfg = load_or_exit(config, set_)
+    cfg = load_config(config, set_)
     if split not in ("validation", "test"):
-        raise _fail(f"--split: {split!r} is not allowed (allowed: validation, test)")
+        raise ModulaError(f"--split: {split!r} is not allowed (allowed: validation, test)")
     console = Console()
     storage = Storage(cfg.storage)
     row_name = variant
-    try:
-        mdl = tok = None
-        if model is not None:
-            mdl, tok = load_model_dir(model, cfg.model.dtype)
-            row_name = name or model.name
+    mdl = tok = None
+    if model is not None:
+        mdl, tok = load_model_dir(model, cfg.model.dtype)
+        row_name = name or model.name
 
-        def show(r) -> None:
-            console.print(domain_line(r))
+    def show(r: DomainResult) -> None:
+        console.print(domain_line(r))
 
-        with console.status(f"evaluating {row_name}"):
-            result, shares = run_eval(cfg, storage, variant=row_name, model=mdl, tokenizer=tok,
-                                      split=split, domains=domain or None, limit=limit, on_domain=show,
-                                      model_name=str(model) if model else "")
-    except (BaseModelMissing, KeyError, FileNotFoundError, ValueError) as exc:
-        raise _fail(str(exc).strip('"')) from None
+    with console.status(f"evaluating {row_name}"):
+        result, shares = run_eval(cfg, storage, variant=row_name, model=mdl, tokenizer=tok,
+                                  split=split, domains=domain or None, limit=limit,
+                                  on_domain=show, model_name=str(model) if model else "")
     console.print(render_table({row_name: result}, title=f"{row_name} ({split}, {result.seconds:.0f}s)"))
     if shares is not None:
         console.print(f"router gate shares recorded for {len(shares.layers)} routers")
@@ -66,15 +60,12 @@ def report_cmd(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Folder (default: eval.output_dir).")] = None,
 ) -> None:
     """Print the comparison table of every evaluated variant; write JSON, Markdown and PNGs."""
-    from modula.cli import load_or_exit
-    from modula.eval.report import load_results, render_table, write_report
-    from modula.infra.storage import Storage
-
-    cfg = load_or_exit(config, set_)
+    cfg = load_config(config, set_)
     storage = Storage(cfg.storage)
     results = load_results(storage)
     if not results:
-        raise _fail(f"no evaluation results in {storage.uri(EVAL_RESULTS)}: run `modula eval` first")
+        raise ResultsMissing(
+            f"no evaluation results in {storage.uri(EVAL_RESULTS)}: run `modula eval` first")
     console = Console()
     console.print(render_table(results))
     files = write_report(storage, output or Path(cfg.eval.output_dir), results)

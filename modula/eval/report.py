@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.table import Table
 
 from modula.errors import ModulaError
 from modula.eval.evaluate import DomainResult, GateShares, VariantResult
@@ -163,19 +164,19 @@ def domain_line(r: DomainResult) -> str:
             + (f"  score={r.score:5.1f}%" if r.score is not None else ""))
 
 
-def render_table(results: dict[str, VariantResult], title: str = "MoDULA comparison") -> Any:
-    """A rich Table of the comparison."""
-    from rich.table import Table
-
+def render_table(results: dict[str, VariantResult], title: str = "MoDULA comparison") -> Table:
+    """The comparison for a terminal: one row per measure, one column per variant (a variant's
+    row of the Markdown table is a column here), each column as wide as its longest word, so
+    five variants fit 80 columns."""
     data = comparison(results)
     t = Table(title=title, caption=data["notes"], caption_justify="left")
-    t.add_column("variant", style="cyan", no_wrap=True)
-    for c in data["columns"]:
-        t.add_column(_header(c), justify="right")
-    for h in _TAIL:
-        t.add_column(h, justify="right", style="bold" if h == "average %" else None)
-    for row in data["rows"]:
-        t.add_row(row["label"], *_row_cells(data, row))
+    t.add_column("", style="cyan")
+    cells = [_row_cells(data, row) for row in data["rows"]]
+    for row, col in zip(data["rows"], cells, strict=True):
+        width = max(len(w) for w in [*row["label"].split(), *col])
+        t.add_column(row["label"], justify="right", width=width)
+    for i, h in enumerate([_header(c) for c in data["columns"]] + _TAIL):
+        t.add_row(h, *(c[i] for c in cells), style="bold" if h == "average %" else None)
     return t
 
 

@@ -1,38 +1,40 @@
-"""`modula registry list|show`: what the expert registry under ``storage.root`` holds."""
+"""`modula cluster` (connect to the configured Ray and print its resources) and `modula registry
+list|show` (what the expert registry under ``storage.root`` holds)."""
 
 from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from modula.config.loader import load_config
 from modula.config.options import ConfigOpt, SetOpt
+from modula.config.schema import ModulaConfig
+from modula.infra.connect import ray_session
+from modula.infra.layout import expert_file
+from modula.infra.registry import ModelVersion, Registry
+
+__all__ = [
+    "cluster",
+    "experts_table",
+    "list_cmd",
+    "models_table",
+    "print_resources",
+    "register",
+    "resources_table",
+    "show_cmd",
+]
 
 
-def _console(stderr: bool = False) -> Console:
-    return Console(stderr=stderr)  # made per call: picks up the terminal width of the moment
+def _console() -> Console:
+    return Console()  # made per call: picks up the terminal width of the moment
 
 
-
-def _registry(config: Path | None, sets: list[str] | None):
-    from modula.cli import load_or_exit
-    from modula.infra.registry import Registry
-
-    cfg = load_or_exit(config, sets)
-    return cfg, Registry.from_config(cfg)
-
-
-def _fail(msg: str) -> typer.Exit:
-    _console(stderr=True).print(f"[bold red]error[/]: {msg}", highlight=False)
-    return typer.Exit(1)
-
-
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -40,36 +42,82 @@ def _size(n: int) -> str:
     return str(n)
 
 
-def _metrics(d: dict) -> str:
+def _metrics(d: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items())
+
+
+# ----------------------------------------------------------------------------------- cluster
+
+
+def resources_table(cfg: ModulaConfig, resources: dict[str, float]) -> Table:
+    """A Ray cluster's logical resources (memory in GiB), as ``modula cluster`` prints them."""
+    table = Table(title=f"Ray cluster ({cfg.cluster.address})")
+    table.add_column("resource", style="cyan", overflow="fold")
+    table.add_column("total", justify="right")
+    for k in sorted(resources):
+        if k.startswith("node:"):
+            continue
+        v = resources[k]
+        table.add_row(k, f"{v / 2**30:.1f} GiB" if "memory" in k else f"{v:g}")
+    return table
+
+
+def print_resources(cfg: ModulaConfig, resources: dict[str, float]) -> None:
+    _console().print(resources_table(cfg, resources))
+
+
+def cluster(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Connect to the configured Ray cluster and print its resources."""
+    cfg = load_config(config, set_)
+    with ray_session(cfg.cluster) as resources:
+        print_resources(cfg, resources)
+
+
+# ----------------------------------------------------------------------------------- registry
+
+
+def models_table(where: str, latest: list[tuple[ModelVersion, int]]) -> Table:
+    """Each model's latest version (of how many), as ``registry list``; when it was published
+    is in ``registry show``."""
+    table = Table(title=f"registry: {where}")
+    table.add_column("model", overflow="fold")
+    table.add_column("latest", no_wrap=True)
+    table.add_column("variant", no_wrap=True)
+    table.add_column("base model", overflow="fold")
+    table.add_column("experts")
+    table.add_column("size", no_wrap=True)
+    for mv, versions in latest:
+        table.add_row(mv.model, f"{mv.version} of {versions}", mv.variant or "-",
+                      mv.base_model.id if mv.base_model else "-",
+                      ", ".join(mv.experts) or "-", _size(mv.size))
+    return table
+
+
+def experts_table(mv: ModelVersion) -> Table:
+    """The experts of one version: size, content hash, the version each dates from; their
+    files when they are not named the usual way (``<expert>.safetensors``)."""
+    files = any(e.file not in (expert_file(e.name), f"{e.name}.safetensors")
+                for e in mv.experts.values())
+    table = Table(title="experts")
+    cols = ["expert", "kind", *(["file"] if files else []), "since", "size", "sha256", "metrics"]
+    for col in cols:
+        table.add_column(col, overflow="fold", no_wrap=col in ("since", "size", "sha256"))
+    for e in mv.experts.values():
+        table.add_row(e.name, e.kind, *([e.file] if files else []), f"v{e.version}",
+                      _size(e.size), e.sha256[:12], _metrics(e.metrics) or "-")
+    return table
 
 
 def list_cmd(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """List the models in the registry with their latest version."""
-    from modula.infra.registry import RegistryError
-    from modula.infra.storage import StorageError
-
-    cfg, reg = _registry(config, set_)
-    console = _console()
-    try:
-        models = reg.list_models()
-        table = Table(title=f"registry: {reg.storage.uri(reg.prefix)}")
-        for col in ("model", "latest", "versions", "variant", "base model", "experts",
-                    "size", "published"):
-            table.add_column(col, overflow="fold", no_wrap=col in ("model", "latest"))
-        for m in models:
-            mv = reg.show(m)
-            table.add_row(
-                m, str(mv.version), str(len(reg.list_versions(m))), mv.variant or "-",
-                mv.base_model.id if mv.base_model else "-",
-                ", ".join(mv.experts) or "-", _size(mv.size), mv.created_at,
-            )
-    except (RegistryError, StorageError, FileNotFoundError) as exc:
-        raise _fail(str(exc)) from None
+    reg = Registry.from_config(load_config(config, set_))
+    where = reg.storage.uri(reg.prefix)
+    models = reg.list_models()
     if not models:
-        console.print(f"no models in {reg.storage.uri(reg.prefix)}")
+        _console().print(f"no models in {where}")
         return
-    console.print(table)
+    latest = [(reg.show(m), len(reg.list_versions(m))) for m in models]
+    _console().print(models_table(where, latest))
 
 
 def show_cmd(
@@ -80,22 +128,16 @@ def show_cmd(
     set_: SetOpt = None,
 ) -> None:
     """Show one version of a model: base model, variant, every expert and file."""
-    from modula.infra.registry import RegistryError
-    from modula.infra.storage import StorageError
-
-    cfg, reg = _registry(config, set_)
-    try:
-        mv = reg.show(model, version)
-        latest = reg.latest_version(model)
-    except (RegistryError, StorageError) as exc:
-        raise _fail(str(exc)) from None
-    console = _console()
+    reg = Registry.from_config(load_config(config, set_))
+    mv = reg.show(model, version)
+    latest = reg.latest_version(model)
     if as_json:
         sys.stdout.write(json.dumps(mv.to_dict(), indent=2) + "\n")
         return
+    console = _console()
     head = Table.grid(padding=(0, 2))
     head.add_column(style="cyan")
-    head.add_column()
+    head.add_column(overflow="fold")
     head.add_row("model", mv.model)
     head.add_row("version", f"{mv.version}" + (" (latest)" if mv.version == latest else
                                                 f" (latest: {latest})"))
@@ -107,25 +149,20 @@ def show_cmd(
     for k, v in mv.metadata.items():
         head.add_row(k, json.dumps(v) if not isinstance(v, str) else v)
     console.print(head)
-
-    experts = Table(title="experts")
-    for col in ("expert", "kind", "file", "size", "sha256", "since", "metrics"):
-        experts.add_column(col, overflow="fold")
-    for e in mv.experts.values():
-        experts.add_row(e.name, e.kind, e.file, _size(e.size), e.sha256[:12], f"v{e.version}",
-                        _metrics(e.metrics) or "-")
-    console.print(experts)
+    console.print(experts_table(mv))
     others = [f for p, f in mv.files.items() if p not in {e.file for e in mv.experts.values()}]
     if others:
         files = Table(title="other files")
-        for col in ("file", "size", "sha256"):
-            files.add_column(col)
+        files.add_column("file", overflow="fold")
+        files.add_column("size", no_wrap=True)
+        files.add_column("sha256", no_wrap=True)
         for f in others:
             files.add_row(f.path, _size(f.size), f.sha256[:12])
         console.print(files)
 
 
 def register(app: typer.Typer) -> None:
+    app.command("cluster")(cluster)
     registry_app = typer.Typer(help="The expert registry under storage.root.",
                                no_args_is_help=True)
     registry_app.command("list")(list_cmd)

@@ -7,26 +7,25 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
+from ray import serve
 from rich.console import Console
 
-from modula.serving.deploy import DeploymentFailed, PreflightError, deploy, preflight
+from modula.config.loader import load_config
+from modula.config.schema import ModulaConfig
+from modula.serving.deploy import deploy, preflight
+
+__all__ = ["register", "run_serve"]
 
 console = Console()
-err_console = Console(stderr=True, soft_wrap=True)
 
 
 def run_serve(config: Path | None, sets: list[str] | None, detach: bool) -> None:
-    from modula.cli import load_or_exit
-
-    cfg = load_or_exit(config, sets)
-    try:
-        info = preflight(cfg)
-    except PreflightError as exc:
-        err_console.print(f"[bold red]cannot serve[/]: {exc}", highlight=False)
-        raise typer.Exit(1) from None
+    """Check what will be served, deploy it, and (unless `detach`) wait for Ctrl-C."""
+    cfg = load_config(config, sets)
+    info = preflight(cfg)
     what = ("the bare base model (serve.base_only)" if info["version"] is None else
             f"{info['registry_model']} v{info['version']} ({info.get('variant')}, domains: "
             f"{', '.join(info['domains']) or 'none'})")
@@ -35,11 +34,7 @@ def run_serve(config: Path | None, sets: list[str] | None, detach: bool) -> None
         for name, group in zip(info["deployments"], info["groups"], strict=True):
             console.print(f"  {name}: {', '.join(group)}")
     t0 = time.time()
-    try:
-        url = deploy(cfg)
-    except DeploymentFailed as exc:
-        err_console.print(f"[bold red]deployment failed[/]: {exc}", highlight=False)
-        raise typer.Exit(1) from None
+    url = deploy(cfg)
     keyed = bool(cfg.serve.api_keys or os.environ.get("MODULA_API_KEYS"))
     console.print(f"[green]ready[/] in {time.time() - t0:.0f}s: {url}/v1 "
                   f"(model {cfg.serve.model_name!r}, or '{cfg.serve.model_name}:<domain>')"
@@ -55,9 +50,7 @@ def run_serve(config: Path | None, sets: list[str] | None, detach: bool) -> None
     _wait_for_interrupt(cfg)
 
 
-def _wait_for_interrupt(cfg: Any) -> None:
-    from ray import serve
-
+def _wait_for_interrupt(cfg: ModulaConfig) -> None:
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     console.print("press Ctrl-C to stop")

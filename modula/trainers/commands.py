@@ -9,7 +9,53 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from modula.config.loader import load_config
 from modula.config.options import ConfigOpt, SetOpt
+from modula.errors import UsageError
+from modula.infra.connect import ray_session
+from modula.infra.storage import Storage
+from modula.trainers.plan import STAGE_CHOICES
+from modula.trainers.pretrain import PretrainResult, run_pretrain
+from modula.trainers.runner import RunCost, add_domain, train
+
+__all__ = ["add_domain_cmd", "cost_table", "pretrain_cmd", "pretrain_table", "register",
+           "train_cmd"]
+
+METRICS = ("exact_match", "accuracy", "perplexity")
+
+
+def pretrain_table(res: PretrainResult, where: str) -> Table:
+    """What ``modula pretrain`` built (or found): one row per fact."""
+    t = Table(title="built-in base model" + (" (cached)" if res.cached else ""))
+    t.add_column("", style="cyan")
+    t.add_column("", overflow="fold")
+    t.add_row("stored at", where)
+    t.add_row("parameters", f"{res.parameters:,}")
+    t.add_row("steps / tokens", f"{res.steps} / {res.tokens:,}")
+    t.add_row("data + tokenizer", f"{res.data_seconds:.0f}s")
+    t.add_row("training", f"{res.train_seconds:.0f}s (total {res.total_seconds:.0f}s)")
+    for d in res.perplexity_before:
+        t.add_row(f"held-out {d} perplexity",
+                  f"{res.perplexity_before[d]:.1f} -> {res.perplexity_after.get(d, float('nan')):.1f}")
+    return t
+
+
+def cost_table(costs: list[RunCost], title: str) -> Table:
+    """What each run cost, one row per run, named by what it trains (the run names, with their
+    fingerprints, are in the workspace's cost records). Fits 80 columns."""
+    t = Table(title=title)
+    t.add_column("trains", overflow="fold")
+    for col in ("params", "tokens", "steps", "wall s", "worker-s", "loss"):
+        t.add_column(col, justify="right", no_wrap=True)
+    for c in costs:
+        steps = f"{c.steps}" + (f"x{c.num_workers}" if c.num_workers > 1 else "")
+        t.add_row(", ".join(c.trains), f"{c.trainable_parameters:,}", f"{c.tokens:,}", steps,
+                  f"{c.wall_seconds:.0f}", f"{c.worker_seconds:.0f}",
+                  f"{c.final_loss:.3f}" if c.final_loss is not None else "-")
+    resumed = [f"{', '.join(c.trains)} ({c.resumed}x)" for c in costs if c.resumed]
+    if resumed:
+        t.caption = "resumed from a checkpoint: " + "; ".join(resumed)
+    return t
 
 
 def pretrain_cmd(
@@ -18,12 +64,7 @@ def pretrain_cmd(
     force: Annotated[bool, typer.Option("--force", help="Retrain even if this model is stored.")] = False,
 ) -> None:
     """Pretrain the built-in base model with Ray Train (stage 0) and store it."""
-    from modula.cli import load_or_exit
-    from modula.infra.connect import ray_session
-    from modula.infra.storage import Storage
-    from modula.trainers.pretrain import run_pretrain
-
-    cfg = load_or_exit(config, set_)
+    cfg = load_config(config, set_)
     console = Console()
     if not cfg.model.is_builtin:
         console.print(f"model.base is {cfg.model.base!r}: nothing to pretrain "
@@ -32,41 +73,8 @@ def pretrain_cmd(
     storage = Storage(cfg.storage)
     console.rule("[bold]modula pretrain")
     with ray_session(cfg.cluster):
-        try:
-            res = run_pretrain(cfg, storage, force=force, console=console)
-        except (RuntimeError, FileNotFoundError) as exc:
-            Console(stderr=True).print(f"[bold red]pretraining failed[/]: {exc}", highlight=False)
-            raise typer.Exit(1) from None
-    t = Table(title="built-in base model" + (" (cached)" if res.cached else ""))
-    t.add_column("", style="cyan")
-    t.add_column("")
-    t.add_row("stored at", storage.uri(res.key))
-    t.add_row("parameters", f"{res.parameters:,}")
-    t.add_row("steps / tokens", f"{res.steps} / {res.tokens:,}")
-    t.add_row("data + tokenizer", f"{res.data_seconds:.0f}s")
-    t.add_row("training", f"{res.train_seconds:.0f}s (total {res.total_seconds:.0f}s)")
-    for d in res.perplexity_before:
-        t.add_row(f"held-out {d} perplexity", f"{res.perplexity_before[d]:.1f} -> {res.perplexity_after.get(d, float('nan')):.1f}")
-    console.print(t)
-
-
-def register(app: typer.Typer) -> None:
-    app.command("pretrain")(pretrain_cmd)
-    app.command("train")(train_cmd)
-    app.command("add-domain")(add_domain_cmd)
-
-
-def _cost_table(costs: list, title: str) -> Table:
-    t = Table(title=title)
-    for col in ("run", "trains", "trainable params", "tokens", "steps", "workers",
-                "wall s", "worker-s", "final loss", "resumed"):
-        t.add_column(col, justify="left" if col in ("run", "trains") else "right")
-    for c in costs:
-        t.add_row(c.run, ", ".join(c.trains), f"{c.trainable_parameters:,}", f"{c.tokens:,}",
-                  str(c.steps), str(c.num_workers), f"{c.wall_seconds:.0f}",
-                  f"{c.worker_seconds:.0f}",
-                  f"{c.final_loss:.3f}" if c.final_loss is not None else "-", str(c.resumed))
-    return t
+        res = run_pretrain(cfg, storage, force=force, console=console)
+    console.print(pretrain_table(res, storage.uri(res.key)))
 
 
 def train_cmd(
@@ -78,26 +86,14 @@ def train_cmd(
     publish: Annotated[bool, typer.Option(help="Publish to the registry when complete.")] = True,
 ) -> None:
     """Train a stage (or all three in order) on Ray Train and publish the complete model."""
-    from modula.basemodel import BaseModelMissing
-    from modula.cli import load_or_exit
-    from modula.infra.connect import ray_session
-    from modula.trainers.plan import STAGE_CHOICES
-    from modula.trainers.runner import StageError, train
-
-    cfg = load_or_exit(config, set_)
-    err = Console(stderr=True, soft_wrap=True)
+    cfg = load_config(config, set_)
     if stage not in STAGE_CHOICES:
-        err.print(f"--stage: {stage!r} is not allowed (allowed: {', '.join(STAGE_CHOICES)})")
-        raise typer.Exit(2)
+        raise UsageError(f"--stage: {stage!r} is not allowed (allowed: {', '.join(STAGE_CHOICES)})")
     console = Console()
     console.rule(f"[bold]modula train --stage {stage}")
     with ray_session(cfg.cluster):
-        try:
-            costs = train(cfg, stage, name=name, console=console, publish_result=publish)
-        except (StageError, ValueError, FileNotFoundError, BaseModelMissing) as exc:
-            err.print(f"[bold red]training failed[/]: {exc}", highlight=False, markup=False)
-            raise typer.Exit(1) from None
-    console.print(_cost_table(costs, f"cost of `train --stage {stage}`"))
+        costs = train(cfg, stage, name=name, console=console, publish_result=publish)
+    console.print(cost_table(costs, f"cost of `train --stage {stage}`"))
 
 
 def add_domain_cmd(
@@ -111,23 +107,18 @@ def add_domain_cmd(
     name: Annotated[str | None, typer.Option(help="Registry name (default: serve.model_name).")] = None,
 ) -> None:
     """Plug a new domain into the published model: its expert, then the routers; nothing else."""
-    from modula.cli import load_or_exit
-    from modula.infra.connect import ray_session
-    from modula.infra.registry import RegistryError
-    from modula.trainers.runner import StageError, add_domain
-
-    cfg = load_or_exit(config, set_)
-    err = Console(stderr=True, soft_wrap=True)
-    if metric not in ("exact_match", "accuracy", "perplexity"):
-        err.print(f"--metric: {metric!r} is not allowed (allowed: exact_match, accuracy, perplexity)")
-        raise typer.Exit(2)
+    cfg = load_config(config, set_)
+    if metric not in METRICS:
+        raise UsageError(f"--metric: {metric!r} is not allowed (allowed: {', '.join(METRICS)})")
     console = Console()
     console.rule(f"[bold]modula add-domain {domain}")
     with ray_session(cfg.cluster):
-        try:
-            version, costs = add_domain(cfg, domain, data=data, name=name, console=console,
-                                        metric=metric)
-        except (StageError, ValueError, FileNotFoundError, RegistryError) as exc:
-            err.print(f"[bold red]add-domain failed[/]: {exc}", highlight=False, markup=False)
-            raise typer.Exit(1) from None
-    console.print(_cost_table(costs, f"cost of adding {domain!r} (v{version.version})"))
+        version, costs = add_domain(cfg, domain, data=data, name=name, console=console,
+                                    metric=metric)
+    console.print(cost_table(costs, f"cost of adding {domain!r} (v{version.version})"))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("pretrain")(pretrain_cmd)
+    app.command("train")(train_cmd)
+    app.command("add-domain")(add_domain_cmd)

@@ -8,17 +8,17 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from modula.config.loader import DEFAULT_CONFIG_PATH, apply_overrides, load_config, read_raw
 from modula.config.options import ConfigOpt, SetOpt
+from modula.tuning.sweep import run_sweep
+
+__all__ = ["register", "tune_cmd"]
 
 
 def _source_raw(config: Path | None, sets: list[str]) -> dict[str, Any] | None:
     """The config file as written (``${ENV}`` kept) with the --set overrides applied."""
-    import yaml
-
-    from modula.config import DEFAULT_CONFIG_PATH, apply_overrides
-
     path = config or (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None)
-    raw = (yaml.safe_load(path.read_text()) or {}) if path else {}
+    raw = read_raw(path) if path else {}
     return apply_overrides(raw, list(sets))
 
 
@@ -42,15 +42,8 @@ def tune_cmd(
     ranked trials, a plot and the best trial as a config file."""
     import ray
 
-    from modula.basemodel import BaseModelMissing
-    from modula.config import ConfigError
-    from modula.config.options import load_or_exit
-    from modula.trainers.runner import StageError
-    from modula.tuning.sweep import SweepError, run_sweep
-
     sets = list(set_ or []) + ([f"tune.stage={stage}"] if stage else [])
-    cfg = load_or_exit(config, sets)
-    err = Console(stderr=True, soft_wrap=True)
+    cfg = load_config(config, sets)
     console = Console()
     console.rule(f"[bold]modula tune --stage {cfg.tune.stage}")
     # run_sweep checks the stage's inputs before it connects (a missing expert fails fast) and
@@ -60,10 +53,6 @@ def tune_cmd(
         result = run_sweep(cfg, storage=None, name=name, resume=resume, fresh=fresh,
                            output_dir=output, console=console,
                            source_raw=_source_raw(config, sets))
-    except (SweepError, StageError, ConfigError, ValueError, FileNotFoundError,
-            BaseModelMissing) as exc:
-        err.print(f"[bold red]tune failed[/]: {exc}", highlight=False, markup=False)
-        raise typer.Exit(1) from None
     finally:
         if started and ray.is_initialized():
             ray.shutdown()

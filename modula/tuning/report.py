@@ -45,19 +45,24 @@ def _rows(result: SweepResult) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
-def results_table(result: SweepResult) -> Any:
-    """The ranked trials as a rich Table."""
-    head, rows = _rows(result)
+def results_table(result: SweepResult) -> Table:
+    """The ranked trials for a terminal: the sampled values in one column, so the table fits
+    80 columns (report counts and restarts are in the CSV and Markdown)."""
     best = f", best {result.best.trial_id}" if result.best else ""
     t = Table(title=f"sweep {result.name} ({result.stage}): {result.metric}, "
                     f"{'lower' if result.mode == 'min' else 'higher'} is better{best}")
-    for h in head:
-        t.add_column(h, justify="left" if h in ("trial", "status") else "right",
-                     no_wrap=h in ("rank", "trial", "status", result.metric))
-    for r, trial in zip(rows, result.trials, strict=True):
+    t.add_column("#", justify="right", no_wrap=True)  # the rank
+    t.add_column("trial", no_wrap=True)
+    t.add_column("status", min_width=len("finished"))
+    t.add_column("values", no_wrap=True)
+    for h in ("metric", "steps", "wall s"):  # the metric's name is in the title
+        t.add_column(h, justify="right", no_wrap=True)
+    for trial in result.trials:
         style = "bold green" if result.best and trial.trial_id == result.best.trial_id else (
             "dim" if trial.status != "finished" else None)
-        t.add_row(*r, style=style)
+        values = "\n".join(f"{k}={_fmt(v)}" for k, v in sorted(trial.params.items()))
+        t.add_row(str(trial.rank), trial.trial_id, trial.status, values, _fmt(trial.metric),
+                  f"{trial.steps_done}/{trial.steps}", _fmt(trial.wall_seconds), style=style)
     return t
 
 
