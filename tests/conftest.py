@@ -1,4 +1,4 @@
-"""Shared fixtures. Ray starts at most once per test session (RAY_NOTES.md): most tests are
+"""Shared fixtures. Ray starts at most once per test session (docs/ray.md): most tests are
 Ray-free `unit` tests; tests that need Ray, Serve or S3 are marked `integration` and take the
 session-scoped fixtures below."""
 
@@ -72,7 +72,7 @@ def repo_root() -> Path:
 
 # --------------------------------------------------------------------------------------------
 # S3 on loopback: moto's standalone server in a thread, spoken to over HTTP by boto3 and pyarrow
-# (RAY_NOTES.md). One server per session; every test gets a fresh bucket and prefix.
+# (docs/ray.md). One server per session; every test gets a fresh bucket and prefix.
 
 S3_TEST_ACCESS_KEY = "AKIAMODULATESTKEY01"
 S3_TEST_SECRET_KEY = "modula-test-secret-0123456789abcdef"

@@ -130,7 +130,7 @@ def _layer_input_output(model, path, ids, **call):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_layer_computes_the_paper_formula(variant):
-    """One adapted layer, checked against PAPER.md's formula written out by hand."""
+    """One adapted layer, checked against the formula of docs/method.md written out by hand."""
     model = build(variant, router=RouterConfig(temperature=0.7))
     path = "model.layers.1.mlp.down_proj"
     lyr, x, y = _layer_input_output(model, path, token_batch())

@@ -1,5 +1,8 @@
-"""Storage (a local path or s3:// through boto3 and pyarrow.fs), the expert registry, metrics."""
+"""What the data, models and runs sit on: the storage map (``layout``), storage (a local path or
+s3:// through boto3 and pyarrow.fs), the expert registry, local file helpers and the Ray
+connection."""
 
+from modula.infra.connect import connect, ray_session
 from modula.infra.registry import (
     BaseModelRef,
     ExpertEntry,
@@ -27,4 +30,6 @@ __all__ = [
     "RegistryError",
     "Storage",
     "StorageError",
+    "connect",
+    "ray_session",
 ]

@@ -84,7 +84,7 @@ def expert_mixture(
 
     ``shrunk``: the first GEMM's result if the caller already has it, ``x A_cat^T`` (..., R) or,
     with ``residual``, ``A* x`` (..., r*): a layer computes it in the same GEMM as its router
-    logits, which saves a pass over ``x`` forward and backward (docs/architecture.md). The stacked backend
+    logits, which saves a pass over ``x`` forward and backward. The stacked backend
     uses it on its dense path; the others recompute.
 
     ``out`` (..., d_out), or flat (tokens, d_out), must have ``x``'s dtype; the sum is

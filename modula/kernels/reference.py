@@ -12,6 +12,8 @@ from torch import Tensor
 
 from .types import ExpertStack, Residual
 
+__all__ = ["reference_mixture"]
+
 
 def reference_mixture(
     x: Tensor,

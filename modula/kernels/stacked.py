@@ -4,7 +4,7 @@ Three strategies, picked per call:
 
 - **dense** (router softmax over all experts): one shrink GEMM ``x A_cat^T`` (T x sum r_i),
   gates (and Res's LeakyReLU) applied per expert block, one expand GEMM accumulated into
-  ``W0 x``. For MoDULA-Res associativity does the rest (DESIGN.md): ``A_i h = (A_i B*)(A* x)``,
+  ``W0 x``. For MoDULA-Res associativity does the rest: ``A_i h = (A_i B*)(A* x)``,
   so the domain shrink reads the rank-r* code ``u = A* x`` through the small (sum r_i x r*)
   matrix ``A_cat B*``, and the universal and domain expands share one GEMM.
 - **per row** (every row pinned to one expert, the serving case): each row gathers its expert's
@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .types import ExpertStack, Residual
+
+__all__ = ["stacked_mixture"]
 
 _PER_ROW_MIN_WORK = 48  # tokens per row x experts, above which gathering weights per row pays
 _GROUPED_MAX_DENSITY = 1 / 8

@@ -22,6 +22,9 @@ from torch import Tensor
 from .stacked import stacked_mixture
 from .types import ExpertStack, Residual
 
+__all__ = ["expand", "expand_rows", "interpreting", "shrink", "shrink_rows", "tile_flags",
+           "triton_mixture"]
+
 _JIT_CACHE: dict[bool, dict[str, Any]] = {}
 
 

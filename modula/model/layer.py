@@ -1,7 +1,7 @@
 """The MoDULA layer: a frozen linear layer plus universal and domain LoRA experts and a router.
 
 One ``ModulaLinear`` replaces each target linear layer. Its forward is ``W0 x + delta`` with
-``delta`` from ``modula.kernels.expert_mixture`` (PAPER.md, per variant):
+``delta`` from ``modula.kernels.expert_mixture`` (docs/method.md, per variant):
 
 - ``lora``:   ``B* A* x``                                  (one adapter, the baseline)
 - ``molora``: ``sum_i s_i B_i A_i x``                      (router over the domain experts)
@@ -36,7 +36,7 @@ UNIVERSAL = -2
 
 class LoraExpert(nn.Module):
     """One LoRA pair ``B A`` (A: r x d_in, B: d_out x r). ``B`` starts at zero so a new expert
-    changes nothing until it is trained (PAPER.md [ours])."""
+    changes nothing until it is trained (docs/method.md)."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, *, dtype=None, device=None):
         super().__init__()
@@ -50,7 +50,7 @@ class LoraExpert(nn.Module):
 
 
 class Router(nn.Module):
-    """Per-layer router ``W_R`` (n_experts x d_in), no bias (PAPER.md: ``s = softmax(W_R x)``).
+    """Per-layer router ``W_R`` (n_experts x d_in), no bias (docs/method.md: ``s = softmax(W_R x)``).
     Rows are in expert order; adding a domain appends a zero row (logit 0)."""
 
     def __init__(self, in_features: int, n_experts: int, *, dtype=None, device=None):

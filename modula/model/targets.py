@@ -1,8 +1,8 @@
 """Which linear layers of a HF causal LM get a MoDULA layer.
 
-PAPER.md leaves the targets open; ours are all linear projections of the attention and MLP
-blocks. Names are matched like PEFT does (a module matches a target if its dotted path equals
-the target or ends with ``.target``), so the same lists work for PEFT export.
+The paper leaves the targets open (docs/method.md); ours are all linear projections of the
+attention and MLP blocks. Names are matched like PEFT does (a module matches a target if its
+dotted path equals the target or ends with ``.target``), so the same lists work for PEFT export.
 """
 
 from __future__ import annotations

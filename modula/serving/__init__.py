@@ -1,5 +1,5 @@
 """Ray Serve graph: an OpenAI-compatible ingress, the request-level router and the expert
-deployments; autoscaling from the config. `topology` names the deployments for a config.
+deployments; autoscaling from the config.
 
 - :mod:`~modula.serving.app`: the deployments (``Ingress``, ``Router``, ``Experts``) and the
   builders (``build_app`` for ``import_path: modula.serving.app:build_app``, ``build_graph``);
@@ -7,6 +7,9 @@ deployments; autoscaling from the config. `topology` names the deployments for a
 - :mod:`~modula.serving.protocol`: the OpenAI wire format and its errors (Ray- and torch-free);
 - :mod:`~modula.serving.modeling`: what a replica loads (base model, registry version);
 - :mod:`~modula.serving.metrics`: the Prometheus metrics;
+- :mod:`~modula.serving.topology`: deployment names, expert groups and each deployment's Serve
+  options (also what ``modula render --target serve`` writes);
+- :mod:`~modula.serving.deploy`: checking what will be served, and deploying it;
 - :mod:`~modula.serving.commands`: ``modula serve``.
 
 Importing this package imports neither Ray nor torch; the names below load on first use.

@@ -25,7 +25,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -130,6 +130,23 @@ def _retryable(exc: BaseException) -> bool:
         ReplicaUnavailableError = RayActorError  # noqa: N806
     return isinstance(exc, (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError,
                             BackPressureError))
+
+
+async def _with_retries(call: Callable[[], Awaitable[Any]]) -> Any:
+    """``await call()``, again after a growing pause while it fails because a replica was lost
+    (an APIError or any other failure is raised at once)."""
+    delay = 0.05
+    for attempt in range(_RETRYABLE_ATTEMPTS):
+        try:
+            return await call()
+        except Exception as exc:  # noqa: BLE001
+            err = _unwrap(exc)
+            if isinstance(err, APIError) or not _retryable(err) \
+                    or attempt == _RETRYABLE_ATTEMPTS - 1:
+                raise
+            await asyncio.sleep(delay)
+            delay *= 2
+    raise RuntimeError("unreachable")
 
 
 def _replica_tag() -> str:
@@ -636,37 +653,20 @@ class Ingress:
 
     async def _call_router(self, gen: GenerationRequest) -> GenerationResult:
         """The router's answer; a router replica lost before answering is retried."""
-        delay = 0.05
-        for attempt in range(_RETRYABLE_ATTEMPTS):
-            try:
-                return await self.router.generate.remote(gen)
-            except Exception as exc:  # noqa: BLE001
-                err = _unwrap(exc)
-                if isinstance(err, APIError) or not _retryable(err) \
-                        or attempt == _RETRYABLE_ATTEMPTS - 1:
-                    raise
-                await asyncio.sleep(delay)
-                delay *= 2
-        raise RuntimeError("unreachable")
+        return await _with_retries(lambda: self.router.generate.remote(gen))
 
     async def _open_stream(self, gen: GenerationRequest) -> tuple[Any, dict[str, Any]]:
         """A stream from the router and its first item (errors such as an unknown domain
         surface here, before any byte is sent, so they become a 4xx)."""
-        delay = 0.05
-        for attempt in range(_RETRYABLE_ATTEMPTS):
+
+        async def first() -> tuple[Any, dict[str, Any]]:
             stream = self.router.options(stream=True).generate_stream.remote(gen)
             try:
                 return stream, await stream.__anext__()
             except StopAsyncIteration:
                 raise RuntimeError("the expert deployment ended the stream at once") from None
-            except Exception as exc:  # noqa: BLE001
-                err = _unwrap(exc)
-                if isinstance(err, APIError) or not _retryable(err) \
-                        or attempt == _RETRYABLE_ATTEMPTS - 1:
-                    raise
-                await asyncio.sleep(delay)
-                delay *= 2
-        raise RuntimeError("unreachable")
+
+        return await _with_retries(first)
 
     async def _stream(self, gen: GenerationRequest, kind: str, endpoint: str,
                       include_usage: bool, t0: float) -> Response:
