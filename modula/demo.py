@@ -30,6 +30,7 @@ from modula.eval.report import domain_line, render_table, write_report
 from modula.eval.run import run_eval
 from modula.infra.commands import print_resources
 from modula.infra.connect import ray_session
+from modula.infra.layout import DATA
 from modula.infra.storage import Storage
 from modula.serving.deploy import deploy, preflight
 from modula.trainers import run_pretrain, train
@@ -55,7 +56,7 @@ def run_demo(config: Path | None, sets: list[str] | None) -> None:
         mark = time.time()
         console.rule("1. data")
         ensure_data(cfg, storage)
-        console.print(f"built-in suite and splits in {storage.uri('data')}")
+        console.print(f"built-in suite and splits in {storage.uri(DATA)}")
         mark = _phase(phases, "1. data", mark)
         if cfg.model.is_builtin:
             console.rule("2. base model (stage 0)")

@@ -44,8 +44,6 @@ class ConfigError(ModulaError):
         super().__init__(head + ":\n" + "\n".join(f"  {p}" for p in problems))
 
 
-
-
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -218,9 +216,6 @@ def _format_errors(exc: ValidationError) -> list[str]:
     return lines
 
 
-
-
-
 def config_from_dict(raw: dict[str, Any] | None, overrides: list[str] | None = None,
                      source: str | None = None) -> ModulaConfig:
     """Validate a raw mapping (after env interpolation and overrides) into a ModulaConfig."""
@@ -235,7 +230,6 @@ def config_from_dict(raw: dict[str, Any] | None, overrides: list[str] | None = N
         return ModulaConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc), source) from None
-
 
 
 def read_raw(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -66,7 +66,6 @@ SECRET_FIELDS = (("storage", "access_key_id"), ("storage", "secret_access_key"),
 _S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 
-
 class _Section(BaseModel):
     """Base of every section: unknown keys are errors, values are checked on assignment."""
 
@@ -492,9 +491,6 @@ class StagesConfig(_Section):
 # --------------------------------------------------------------------------------------------
 # tune
 
-# --------------------------------------------------------------------------------------------
-# tune
-
 
 class SearchDimension(_Section):
     """One axis of a search space, written in YAML. ``randint`` includes ``high``."""
@@ -609,7 +605,6 @@ class TuneConfig(_Section):
         return self.mode or "min"
 
 
-
 # --------------------------------------------------------------------------------------------
 # serve
 
@@ -699,7 +694,6 @@ class EvalConfig(_Section):
     seeds: list[int] = Field(default_factory=lambda: [0])
 
 
-
 # --------------------------------------------------------------------------------------------
 # the whole file
 
@@ -771,7 +765,6 @@ class ModulaConfig(_Section):
         raise UnknownName(
             f"unknown domain {name!r} (allowed: {', '.join(d.name for d in self.domains)})"
         )
-
 
     def to_data(self, secrets: Literal["mask", "drop", "reveal"] = "mask",
                 reveal: Collection[str] = ()) -> dict[str, Any]:
