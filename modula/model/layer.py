@@ -75,8 +75,11 @@ class LayerState:
 
     ``path``: ``routed`` (the full mixture), ``universal`` (E* alone) or ``domain``
     (``path_domain`` alone, as in its training stage). ``forced``: a domain index, or
-    ``UNIVERSAL``, pinning the routed path. ``row_ids``: per batch row, a domain index or -1
-    (follow ``forced`` / the router) for one call.
+    ``UNIVERSAL``, pinning the routed path. Per batch row, for one call (see
+    ``ModulaModel.forward``): ``row_ids``, a domain index or -1; ``row_fixed`` / ``row_weights``,
+    rows whose gates are given rather than learned, and those gates (rows, n_gates);
+    ``row_mask``, the gate columns the router may use per row (rows, n_gates).
+    ``router_rows``: whether any row still follows the learned router.
     """
 
     backend: str = "auto"
@@ -85,6 +88,10 @@ class LayerState:
     forced: int | None = None
     row_ids: Tensor | None = None
     rows_all_pinned: bool = False
+    row_fixed: Tensor | None = None
+    row_weights: Tensor | None = None
+    row_mask: Tensor | None = None
+    router_rows: bool = True
     capture: dict[str, list[Tensor]] | None = None
     disabled: bool = False
 
@@ -182,22 +189,39 @@ class ModulaLinear(nn.Module):
 
     # ---- routing -----------------------------------------------------------------------
 
-    def route(self, x: Tensor) -> Tensor:
-        """Router gates (..., n_gates): softmax(W_R x / T), optionally top-k, renormalised."""
-        return self._gates(F.linear(x, self.router.weight))
+    def route(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Router gates (..., n_gates): softmax(W_R x / T) over the columns ``mask`` allows
+        (all by default), optionally top-k, renormalised. A row that allows no column gets
+        zero gates (Res: the universal expert alone)."""
+        return self._gates(F.linear(x, self.router.weight), mask)
 
-    def _gates(self, logits: Tensor) -> Tensor:
+    def _gates(self, logits: Tensor, mask: Tensor | None = None) -> Tensor:
         dtype = logits.dtype
         logits = logits.float()
         if self.temperature != 1.0:
             logits = logits / self.temperature
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
         k = self.top_k
         if k is not None and k < logits.shape[-1]:
             top, idx = logits.topk(k, dim=-1)
             gates = torch.zeros_like(logits).scatter(-1, idx, torch.softmax(top, -1))
         else:
             gates = torch.softmax(logits, -1)
+        if mask is not None:
+            gates = gates.nan_to_num(0.0)  # rows with every column masked out
         return gates.to(dtype)
+
+    def _row_view(self, t: Tensor, lead: tuple[int, ...]) -> Tensor:
+        """A per-row tensor (rows, ...) broadcast over the tokens of ``lead`` (rows, S, ...);
+        rows repeat when the input has more (beams, returned sequences)."""
+        rows = lead[0] if lead else 1
+        if t.shape[0] != rows:
+            if rows % t.shape[0] != 0:
+                raise ValueError(f"per-row routing has {t.shape[0]} rows but the layer input "
+                                 f"has {rows}")
+            t = t.repeat_interleave(rows // t.shape[0], 0)
+        return t.view(t.shape[0], *([1] * (len(lead) - 1)), *t.shape[1:])
 
     def _full_stack(self) -> tuple[ExpertStack, Tensor]:
         """All experts in gate order, stacked, and the matrix that shrinks ``x`` for them and
@@ -253,7 +277,8 @@ class ModulaLinear(nn.Module):
         flan = self.variant == "flan"
 
         path = "universal" if self.variant == "lora" else st.path
-        if path == "routed" and st.forced == UNIVERSAL and st.row_ids is None:
+        if (path == "routed" and st.forced == UNIVERSAL and st.row_ids is None
+                and st.row_fixed is None):
             path = "universal"
         if path == "universal":
             if self.variant != "res":
@@ -273,15 +298,21 @@ class ModulaLinear(nn.Module):
             experts, shared = self._full_stack()
             ids = self._pins(x)
             if ids is None or not st.rows_all_pinned:
-                if st.forced == UNIVERSAL:  # Res: unpinned rows get the universal alone
+                mask = self._row_view(st.row_mask, lead) if st.row_mask is not None else None
+                if st.forced == UNIVERSAL or not st.router_rows:
+                    # Res: unpinned rows get the universal alone; or no row needs the router
                     gates = xa.new_zeros(*lead, self.n_gates)
                 elif dropout_active or (self.top_k is not None and self.top_k < self.n_gates):
-                    gates = self.route(xa)  # the experts read a different x, or run sparse
+                    gates = self.route(xa, mask)  # the experts read a different x, or run sparse
                 else:
                     # one GEMM for the router and the experts' shrink (they read the same x)
                     both = F.linear(xa, shared)
                     shrunk, logits = both.split([shared.shape[0] - self.n_gates, self.n_gates], -1)
-                    gates = self._gates(logits)
+                    gates = self._gates(logits, mask)
+                if st.row_fixed is not None:
+                    fixed = self._row_view(st.row_fixed, lead).unsqueeze(-1)
+                    given = self._row_view(st.row_weights, lead).to(gates.dtype)
+                    gates = torch.where(fixed, given, gates)
             if capture:
                 effective = gates
                 if ids is not None:
@@ -317,11 +348,18 @@ class ModulaLinear(nn.Module):
         return out.view(*lead, -1)
 
     def _pins(self, x: Tensor) -> Tensor | None:
-        """Per row of ``x``: the pinned expert's column in the stack, or -1 (use the gates)."""
+        """Per row of ``x``: the pinned expert's column in the stack, or -1 (use the gates).
+        A forced domain fills the rows that neither pin an expert nor fix their gates."""
         st = self._state
         offset = 1 if self.variant == "flan" else 0
         rows = x.shape[0]
-        if st.row_ids is not None:
+        fills = st.forced is not None and (
+            st.forced >= 0 or (st.forced == UNIVERSAL and self.variant == "flan"))
+        if st.row_ids is None and not fills:
+            return None
+        if st.row_ids is None:
+            ids = torch.full((rows,), -1, dtype=torch.long, device=x.device)
+        else:
             ids = st.row_ids
             if ids.shape[0] != rows:
                 if x.dim() < 3 or rows % ids.shape[0] != 0:
@@ -331,14 +369,16 @@ class ModulaLinear(nn.Module):
                 ids = ids.repeat_interleave(rows // ids.shape[0])  # beams / returned sequences
             ids = ids.to(x.device)
             ids = torch.where(ids >= 0, ids + offset, ids)
-            if st.forced is not None and st.forced >= 0:
-                ids = torch.where(ids < 0, torch.full_like(ids, st.forced + offset), ids)
-            elif st.forced == UNIVERSAL and self.variant == "flan":
-                ids = torch.where(ids < 0, torch.zeros_like(ids), ids)
-            return ids
-        if st.forced is not None and st.forced >= 0:
-            return torch.full((rows,), st.forced + offset, dtype=torch.long, device=x.device)
-        return None
+        if fills:
+            free = ids < 0
+            if st.row_fixed is not None:
+                fixed = st.row_fixed.to(x.device)
+                if fixed.shape[0] != rows:
+                    fixed = fixed.repeat_interleave(rows // fixed.shape[0])
+                free = free & ~fixed
+            fill = st.forced + offset if st.forced >= 0 else 0
+            ids = torch.where(free, torch.full_like(ids, fill), ids)
+        return ids
 
     def _pinned_gates(self, ids: Tensor, gates: Tensor | None, lead, dtype) -> Tensor:
         one_hot = F.one_hot(ids.clamp(min=0), self.n_gates).to(dtype)

@@ -280,39 +280,101 @@ class ModulaModel(nn.Module):
     # ---- forward -----------------------------------------------------------------------
 
     @contextmanager
-    def _call(self, expert_ids: Tensor | list[int] | None) -> Iterator[None]:
+    def _call(self, expert_ids: Tensor | list[int] | None = None,
+              expert_weights: Tensor | None = None,
+              expert_mask: Tensor | None = None) -> Iterator[None]:
+        """Set the per-row routing inputs of one call (see :meth:`forward`)."""
         st = self._state
-        if expert_ids is None:
+        if (expert_ids is None and expert_weights is None and expert_mask is None) or (
+                self.variant == "lora"):
             yield
             return
-        ids = torch.as_tensor(expert_ids, dtype=torch.long)
-        if ids.dim() != 1:
-            raise ValueError(f"expert_ids must be 1-D (one id per batch row), got shape {tuple(ids.shape)}")
-        cpu = ids.cpu()
         n = len(self._domains)
-        if bool(((cpu < -1) | (cpu >= n)).any()):
-            raise ValueError(f"expert_ids must lie in [-1, {n - 1}] (-1 = routed; domains: {self._domains})")
-        if self.variant == "lora":
-            yield
-            return
+        cols = len(self.expert_names)
+        rows = None
+        ids = None
+        if expert_ids is not None:
+            ids = torch.as_tensor(expert_ids, dtype=torch.long)
+            if ids.dim() != 1:
+                raise ValueError(f"expert_ids must be 1-D (one id per batch row), got shape "
+                                 f"{tuple(ids.shape)}")
+            cpu = ids.cpu()
+            if bool(((cpu < -1) | (cpu >= n)).any()):
+                raise ValueError(f"expert_ids must lie in [-1, {n - 1}] (-1 = routed; domains: "
+                                 f"{self._domains})")
+            rows = ids.shape[0]
+        fixed = weights = mask = None
+        if expert_weights is not None:
+            weights = torch.as_tensor(expert_weights, dtype=torch.float32)
+            if weights.dim() != 2 or weights.shape[1] != cols or (
+                    rows is not None and weights.shape[0] != rows):
+                raise ValueError(f"expert_weights must be (rows, {cols}) over {self.expert_names}"
+                                 f", got shape {tuple(weights.shape)}")
+            rows = weights.shape[0]
+            nan = torch.isnan(weights)
+            fixed = ~nan.all(1)
+            if bool((nan.any(1) & fixed).any()) or bool((weights[fixed] < 0).any()) or not bool(
+                    torch.isfinite(weights[fixed]).all()):
+                raise ValueError("expert_weights: each row is all NaN (follow the router) or "
+                                 "finite and >= 0")
+            if self.variant in ("flan", "molora") and bool((weights[fixed].sum(1) <= 0).any()):
+                raise ValueError(f"expert_weights: a fixed row must give some weight to an "
+                                 f"expert (variant {self.variant!r} has no expert-free path)")
+            weights = weights.nan_to_num(0.0)
+        if expert_mask is not None:
+            mask = torch.as_tensor(expert_mask, dtype=torch.bool)
+            if mask.dim() != 2 or mask.shape[1] != cols or (
+                    rows is not None and mask.shape[0] != rows):
+                raise ValueError(f"expert_mask must be (rows, {cols}) over {self.expert_names}, "
+                                 f"got shape {tuple(mask.shape)}")
+            if self.variant in ("flan", "molora") and not bool(mask.any(1).all()):
+                raise ValueError(f"expert_mask: every row must allow an expert (variant "
+                                 f"{self.variant!r} has no expert-free path)")
+            rows = mask.shape[0]
+        pinned = ids >= 0 if ids is not None else torch.zeros(rows, dtype=torch.bool)
+        not_fixed = ~fixed if fixed is not None else torch.ones(rows, dtype=torch.bool)
         forced = st.forced
-        all_pinned = bool((cpu >= 0).all()) or (
-            forced is not None and (forced >= 0 or self.variant == "flan")
-        )
-        st.row_ids, st.rows_all_pinned = ids, all_pinned
+        fills = forced is not None and (forced >= 0 or self.variant == "flan")
+        free = ~pinned & not_fixed
+        st.row_ids = ids if ids is not None and bool(pinned.any()) else None
+        st.rows_all_pinned = bool(pinned.all()) or (fills and bool(not_fixed.all()))
+        st.row_fixed = fixed if fixed is not None and bool(fixed.any()) else None
+        st.row_weights = weights if st.row_fixed is not None else None
+        st.row_mask = mask
+        st.router_rows = bool(free.any()) and not fills
         try:
             yield
         finally:
             st.row_ids, st.rows_all_pinned = None, False
+            st.row_fixed = st.row_weights = st.row_mask = None
+            st.router_rows = True
 
-    def forward(self, *args, expert_ids: Tensor | list[int] | None = None, **kwargs):
-        """The HF model's forward; ``expert_ids`` pins rows of this batch to domains."""
-        with self._call(expert_ids):
+    def forward(self, *args, expert_ids: Tensor | list[int] | None = None,
+                expert_weights: Tensor | None = None, expert_mask: Tensor | None = None,
+                **kwargs):
+        """The HF model's forward with per-row routing for this call.
+
+        Semantics, per batch row (precedence in this order):
+
+        - ``expert_ids[r] >= 0``: the row is pinned to that domain expert (one-hot gates);
+        - ``expert_weights[r]`` finite (a (rows, n_gates) tensor over ``expert_names``; NaN
+          rows are not fixed): the row's gates are these weights for every token, whatever
+          the routers say. Weights are used as given (callers normalise); an all-zero Res row
+          is the universal expert alone;
+        - otherwise the learned routers decide per token, over the columns
+          ``expert_mask[r]`` allows (bool, (rows, n_gates); renormalised softmax); a Res row
+          that allows no column gets the universal expert alone;
+        - ``force_domain`` fills the rows that neither pin nor fix (model-wide).
+        """
+        with self._call(expert_ids, expert_weights, expert_mask):
             return self.base_model(*args, **kwargs)
 
-    def generate(self, *args, expert_ids: Tensor | list[int] | None = None, **kwargs):
-        """HF ``generate`` with the MoDULA layers (and ``expert_ids`` pins) in place."""
-        with self._call(expert_ids):
+    def generate(self, *args, expert_ids: Tensor | list[int] | None = None,
+                 expert_weights: Tensor | None = None, expert_mask: Tensor | None = None,
+                 **kwargs):
+        """HF ``generate`` with the MoDULA layers and this call's per-row routing (as
+        :meth:`forward`) in place."""
+        with self._call(expert_ids, expert_weights, expert_mask):
             return self.base_model.generate(*args, **kwargs)
 
     @contextmanager
