@@ -26,7 +26,7 @@ def interpreter():
 
 def case(seed, kind, n, rows, per_row, d_in, d_out, dtype):
     g = torch.Generator().manual_seed(seed)
-    res = kind == "res"
+    res = kind in ("res", "resn")  # resn: domain experts read h / RMS(h)
     d_e = d_out if res else d_in
     ranks = [16] + [8] * (n - 1) if kind == "flan" else [8] * n
     scal = [2.0] + [1.5] * (n - 1) if kind == "flan" else [1.5] * n
@@ -37,6 +37,7 @@ def case(seed, kind, n, rows, per_row, d_in, d_out, dtype):
             (torch.randn(16, d_in, generator=g) / d_in**0.5).to(dtype),
             (torch.randn(d_out, 16, generator=g) / 4).to(dtype),
             2.0,
+            1e-6 if kind == "resn" else None,
         )
         if res
         else None
@@ -50,7 +51,8 @@ def reference(x, stack, residual, **kw):
     """The oracle in float32, whatever the input dtype."""
     f = lambda t: t.float() if t is not None else None  # noqa: E731
     stack32 = type(stack)(stack.A.float(), stack.B.float(), stack.ranks, stack.scaling)
-    res32 = Residual(f(residual.A), f(residual.B), residual.scaling) if residual else None
+    res32 = (Residual(f(residual.A), f(residual.B), residual.scaling, residual.norm_eps)
+             if residual else None)
     kw = {k: (f(v) if k == "gates" else v) for k, v in kw.items()}
     return expert_mixture(x.float(), stack32, residual=res32, backend="reference", **kw)
 
@@ -64,6 +66,7 @@ TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=2e-2,
     [
         ("flan", 3, 2, 9, 33, 24),  # mixed ranks (16 + 8)
         ("res", 4, 1, 5, 20, 17),
+        ("resn", 3, 2, 4, 20, 17),
         ("mixture", 1, 1, 1, 16, 16),  # one token, one expert
     ],
 )
@@ -87,7 +90,7 @@ def test_many_tokens_many_experts_and_accumulation():
     torch.testing.assert_close(out, base + reference(x, stack, None, gates=gates), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["mixture", "res"])
+@pytest.mark.parametrize("kind", ["mixture", "res", "resn"])
 def test_mixed_batch_pinned_and_routed_rows(kind):
     x, stack, residual, gates = case(4, kind, 5, 4, 6, 19, 21, torch.float32)
     ids = torch.tensor([4, -1, 0, 2])
@@ -120,7 +123,7 @@ def test_tile_flags_mark_only_tiles_with_live_gates():
     assert flags.tolist() == [[1, 0], [0, 0], [0, 1]]
 
 
-@pytest.mark.parametrize("kind", ["flan", "res"])
+@pytest.mark.parametrize("kind", ["flan", "res", "resn"])
 def test_gradients_through_the_autograd_wrapper(kind):
     x, stack, residual, gates = case(8, kind, 3, 2, 7, 17, 19, torch.float32)
     A = [t.clone().requires_grad_() for t in (stack.expert(i)[0] for i in range(3))]

@@ -341,3 +341,50 @@ def test_fingerprint_of_large_tensors_is_sampled_but_sensitive():
     with torch.no_grad():
         big.weight[-1, -1] -= 1.0
     assert base_model_fingerprint(big) != fp2
+
+
+# ---- the Res input option ---------------------------------------------------------------------
+
+
+def test_res_input_norm_round_trips_and_is_checked(tmp_path):
+    """Res experts trained to read h / RMS(h) load only into a model that normalises too, and
+    a manifest from before the option reads as 'none'."""
+    model = build("res", res_input_norm="rms")
+    plain = build("res")  # same weights (same seeds), experts read h as is
+    assert (logits(model) - logits(plain)).abs().max() > 1e-4  # the option changes the layer
+    manifest = save_experts(model, tmp_path / "rms", "base")
+    assert manifest["res_input_norm"] == "rms"
+    loaded = load_modula(tiny_model(seed=0), tmp_path / "rms")
+    assert loaded.modula_config.res_input_norm == "rms"
+    torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
+    with pytest.raises(ExpertFileError, match="res_input_norm is 'rms' in the files"):
+        load_experts(attach_modula(tiny_model(seed=0), layer_config("res"), ["code", "math"]),
+                     tmp_path / "rms")
+    save_expert(model, "math", tmp_path / "math.safetensors")
+    with pytest.raises(ExpertFileError, match="trained to read res_input_norm='rms'"):
+        load_expert(attach_modula(tiny_model(seed=0), layer_config("res"), ["code", "math"]),
+                    "math", tmp_path / "math.safetensors")
+    # an older manifest (no field) is a model whose experts read h as is
+    save_experts(plain, tmp_path / "old", "base")
+    path = tmp_path / "old" / "manifest.json"
+    old = json.loads(path.read_text())
+    del old["res_input_norm"]
+    path.write_text(json.dumps(old))
+    again = load_modula(tiny_model(seed=0), tmp_path / "old")
+    assert again.modula_config.res_input_norm == "none"
+    torch.testing.assert_close(logits(again), logits(plain), rtol=0, atol=0)
+
+
+def test_res_input_norm_trains_the_domain_expert():
+    """The domain stage's gradients reach the expert through the normalised input and match
+    the reference kernel's."""
+    grads = {}
+    for backend in ("reference", "stacked"):
+        model = build("res", res_input_norm="rms", kernel=backend)
+        model.set_stage("domain:math")
+        out = model(input_ids=token_batch(), labels=token_batch())
+        out.loss.backward()
+        grads[backend] = [p.grad.clone() for p in model.expert_parameters("math")]
+        assert all(float(g.abs().max()) > 0 for g in grads[backend])
+    for a, b in zip(grads["reference"], grads["stacked"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -336,6 +336,9 @@ class ModulaLayerConfig(_Section):
     # [ours] all linear projections of attention and MLP; None = the model family's default
     target_modules: list[str] | None = None
     leaky_relu_slope: Annotated[float, Field(ge=0, lt=1)] = 0.01
+    # [ours, beyond the paper] what Res domain experts read: the universal output h as is
+    # (the paper), or h / RMS(h) per token, so their learning does not hinge on the size of h
+    res_input_norm: Literal["none", "rms"] = "none"
     router: RouterConfig = Field(default_factory=RouterConfig)
     kernel: KernelBackend = "auto"
 

@@ -42,6 +42,8 @@ def reference_mixture(
         h = residual.scaling * ((x2 @ residual.A.t()) @ residual.B.t())
         delta = h
         expert_input = h
+        if residual.norm_eps is not None:  # the rms input option: h / RMS(h), per token
+            expert_input = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + residual.norm_eps)
     else:
         delta = None
         expert_input = x2

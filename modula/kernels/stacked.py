@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .types import ExpertStack, Residual
+from .types import ExpertStack, Residual, residual_feed, residual_gram
 
 __all__ = ["stacked_mixture"]
 
@@ -94,6 +94,15 @@ def _weigh(P: Tensor, experts: ExpertStack, gates: Tensor | None) -> Tensor:
     return P * cols
 
 
+def _feed(code: Tensor, experts: ExpertStack, residual: Residual) -> Tensor:
+    """The domain shrink's input (:func:`residual_feed`), the Gram matrix of ``B*`` built
+    once per weights like the other derived matrices."""
+    if residual.norm_eps is None:
+        return code
+    G = experts.derived(("res_G",), lambda: residual_gram(residual.B), residual.B)
+    return residual_feed(code, residual, G)
+
+
 def _expand(P: Tensor, W: Tensor, out: Tensor | None) -> Tensor:
     """``out += P W^T`` in place, or a new ``P W^T``."""
     if out is None:
@@ -117,7 +126,7 @@ def _dense(
     if experts is None:
         return _expand(code, residual.B, out)
     C = experts.derived(("res_C",), lambda: experts.A @ residual.B, residual.B)  # A_i h = C_i code
-    P = _weigh(F.leaky_relu(code @ C.t(), slope), experts, gates)
+    P = _weigh(F.leaky_relu(_feed(code, experts, residual) @ C.t(), slope), experts, gates)
     W_out = experts.derived(("res_W",), lambda: torch.cat([residual.B, experts.B], 1), residual.B)
     return _expand(torch.cat([code, P], 1), W_out, out)
 
@@ -141,7 +150,7 @@ def _per_row(
         code = (x3 @ residual.A.t()) * residual.scaling  # (rows, S, r*)
         C = experts.derived(("res_C",), lambda: experts.A @ residual.B, residual.B)
         C_rows = ExpertStack(C, experts.B, experts.ranks, experts.scaling).padded(rank)[0][ids]
-        a = F.leaky_relu(torch.bmm(code, C_rows.transpose(1, 2)), slope)
+        a = F.leaky_relu(torch.bmm(_feed(code, experts, residual), C_rows.transpose(1, 2)), slope)
     else:
         a = torch.bmm(x3, A_pad[ids].transpose(1, 2))  # (rows, S, r)
     a = a * scale
@@ -178,7 +187,7 @@ def _grouped(
     if residual is not None:
         code = (x @ residual.A.t()) * residual.scaling
         target.addmm_(code, residual.B.t())
-        feed = code
+        feed = _feed(code, experts, residual)
         W_in = experts.derived(("res_C",), lambda: experts.A @ residual.B, residual.B)
     else:
         feed, W_in = x, experts.A

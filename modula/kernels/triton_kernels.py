@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .stacked import stacked_mixture
-from .types import ExpertStack, Residual
+from .types import ExpertStack, Residual, residual_feed
 
 __all__ = ["expand", "expand_rows", "interpreting", "shrink", "shrink_rows", "tile_flags",
            "triton_mixture"]
@@ -240,7 +240,7 @@ def _forward(
         S = T // rows
         if residual is not None:
             expand(code, residual.B, out2)
-            feed = code.reshape(rows, S, -1)
+            feed = residual_feed(code, residual).reshape(rows, S, -1)
             W_in = (experts.A @ residual.B).contiguous()
         else:
             feed = x2.view(rows, S, d_in)
@@ -262,7 +262,8 @@ def _forward(
             expand(P, residual.B, out2)
             return
         shrink(
-            code, (experts.A @ residual.B).contiguous(), P[:, code.shape[1]:],
+            residual_feed(code, residual), (experts.A @ residual.B).contiguous(),
+            P[:, code.shape[1]:],
             gates=g2, col_expert=tables["col_expert"], scale=tables["scale"],
             negative_slope=slope,
         )
@@ -298,9 +299,9 @@ class _TritonMixture(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, A, B, gates, ids, rA, rB, meta):
-        ranks, scaling, r_scaling, slope = meta
+        ranks, scaling, r_scaling, r_eps, slope = meta
         experts = ExpertStack(A, B, ranks, scaling) if A is not None else None
-        residual = Residual(rA, rB, r_scaling) if rA is not None else None
+        residual = Residual(rA, rB, r_scaling, r_eps) if rA is not None else None
         ctx.save_for_backward(x, A, B, gates, ids, rA, rB)
         ctx.meta = meta
         return _run(x, experts, gates, ids, residual, slope)
@@ -308,7 +309,7 @@ class _TritonMixture(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, A, B, gates, ids, rA, rB = ctx.saved_tensors
-        ranks, scaling, r_scaling, slope = ctx.meta
+        ranks, scaling, r_scaling, r_eps, slope = ctx.meta
         need = ctx.needs_input_grad
         slots = {0: x, 1: A, 2: B, 3: gates, 5: rA, 6: rB}
         leaves = {
@@ -317,7 +318,8 @@ class _TritonMixture(torch.autograd.Function):
         }
         with torch.enable_grad():
             experts = ExpertStack(leaves[1], leaves[2], ranks, scaling) if A is not None else None
-            residual = Residual(leaves[5], leaves[6], r_scaling) if rA is not None else None
+            residual = (Residual(leaves[5], leaves[6], r_scaling, r_eps) if rA is not None
+                        else None)
             delta = stacked_mixture(leaves[0], experts, leaves[3], ids, residual, slope, None)
         wanted = [i for i, t in leaves.items() if t is not None and need[i]]
         grads = torch.autograd.grad(delta, [leaves[i] for i in wanted], grad, allow_unused=True)
@@ -353,6 +355,7 @@ def triton_mixture(
             experts.ranks if experts else None,
             experts.scaling if experts else None,
             residual.scaling if residual else None,
+            residual.norm_eps if residual else None,
             negative_slope,
         )
         delta = _TritonMixture.apply(

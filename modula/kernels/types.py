@@ -13,16 +13,39 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ExpertStack", "Residual", "stack_experts"]
+__all__ = ["ExpertStack", "Residual", "residual_feed", "residual_gram", "stack_experts"]
 
 
 class Residual(NamedTuple):
     """MoDULA-Res's universal expert: ``h = scaling * B A x`` is added ungated and the domain
-    experts read ``h`` (through LeakyReLU) instead of ``x``."""
+    experts read ``h`` (through LeakyReLU) instead of ``x``; with ``norm_eps`` they read
+    ``h / sqrt(mean(h^2) + norm_eps)`` per token instead (the ``rms`` input option)."""
 
     A: Tensor  # (r*, d_in)
     B: Tensor  # (d_out, r*)
     scaling: float
+    norm_eps: float | None = None
+
+
+def residual_feed(code: Tensor, residual: Residual, gram: Tensor | None = None) -> Tensor:
+    """What the domain experts' shrink multiplies by ``A_i B*``: the universal code
+    ``code = scaling * A* x`` (h = B* code), divided per token by RMS(h) when the residual
+    normalises. ``||h||^2 = code^T (B*^T B*) code``, so RMS(h) comes from the r* x r* Gram
+    matrix (``gram``, computed if not given) without forming h."""
+    if residual.norm_eps is None:
+        return code
+    B = residual.B
+    # float64: the quadratic form cancels where h is small next to ||code|| ||B*||, and it is
+    # cheap (T x r*^2), so it costs nothing to get it as exact as the direct mean(h^2)
+    G = gram if gram is not None else residual_gram(B)
+    c = code.double()
+    sq = ((c @ G) * c).sum(-1, keepdim=True) / B.shape[0]
+    return code * torch.rsqrt(sq.clamp_min(0) + residual.norm_eps).to(code.dtype)
+
+
+def residual_gram(B: Tensor) -> Tensor:
+    """``B*^T B*`` in float64, for :func:`residual_feed`."""
+    return B.t().double() @ B.double()
 
 
 @dataclass(frozen=True, eq=False)

@@ -155,6 +155,7 @@ def _model_info(model: ModulaModel) -> dict[str, Any]:
         "universal_alpha": cfg.universal_scaling * cfg.universal_rank,
         "domain_alpha": cfg.domain_scaling * cfg.domain_rank,
         "leaky_relu_slope": cfg.leaky_relu_slope,
+        "res_input_norm": cfg.res_input_norm,
         "dropout": cfg.dropout,
         "router": {"top_k": cfg.router.top_k, "temperature": cfg.router.temperature},
         "target_modules": list(model.target_modules),
@@ -182,6 +183,8 @@ def _file_metadata(model: ModulaModel, name: str, fingerprint: str) -> dict[str,
     elif kind == "domain":
         meta["rank"] = str(cfg.domain_rank)
         meta["alpha"] = repr(cfg.domain_scaling * cfg.domain_rank)
+        if cfg.variant == "res" and cfg.res_input_norm != "none":
+            meta["input_norm"] = cfg.res_input_norm  # what the expert was trained to read
     else:
         meta["expert_order"] = json.dumps(model.expert_names)
     return meta
@@ -327,6 +330,8 @@ def _layer_config(manifest: dict[str, Any]) -> ModulaLayerConfig:
         dropout=float(manifest["dropout"]),
         target_modules=list(manifest["target_modules"]),
         leaky_relu_slope=float(manifest["leaky_relu_slope"]),
+        # manifests written before the option existed hold experts that read h as is
+        res_input_norm=manifest.get("res_input_norm", "none"),
         router=RouterConfig(**manifest["router"]),
     )
 
@@ -389,6 +394,9 @@ def _check_compatible(manifest: dict[str, Any], model: ModulaModel, where: str) 
     for key in ("variant", "universal_rank", "domain_rank", "leaky_relu_slope"):
         if manifest[key] != info[key]:
             raise ExpertFileError(f"{where}: {key} is {manifest[key]!r} in the files but {info[key]!r} in the model")
+    if manifest.get("res_input_norm", "none") != info["res_input_norm"]:
+        raise ExpertFileError(f"{where}: res_input_norm is {manifest.get('res_input_norm', 'none')!r} "
+                              f"in the files but {info['res_input_norm']!r} in the model")
     for key in ("universal_alpha", "domain_alpha"):
         if abs(float(manifest[key]) - float(info[key])) > 1e-9 * max(1.0, abs(float(info[key]))):
             raise ExpertFileError(f"{where}: {key} is {manifest[key]} in the files but {info[key]} in the model")
@@ -533,6 +541,11 @@ def load_expert(
     info = _model_info(model)
     if meta.get("modules_sha256") != _modules_digest(info["modules"]):
         raise ExpertFileError(f"{where}: the file was saved for other target modules / layer sizes")
+    if (meta.get("kind") == "domain" and cfg.variant == "res"
+            and meta.get("input_norm", "none") != cfg.res_input_norm):
+        raise ExpertFileError(
+            f"{where}: the expert was trained to read res_input_norm="
+            f"{meta.get('input_norm', 'none')!r}, the model uses {cfg.res_input_norm!r}")
     if name == "routers" and meta.get("expert_order") != json.dumps(model.expert_names):
         raise ExpertFileError(
             f"{where}: routers saved for experts {meta.get('expert_order')}, the model has {model.expert_names}"

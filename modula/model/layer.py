@@ -32,6 +32,9 @@ __all__ = ["UNIVERSAL", "LayerState", "LoraExpert", "ModulaLinear", "Router"]
 
 # a forced expert id meaning "the universal expert alone" (no domain expert)
 UNIVERSAL = -2
+# Res domain experts reading h / sqrt(mean(h^2) + eps): small next to mean(h^2) of a trained
+# universal expert, and 0 / sqrt(eps) = 0 while B* is still zero
+RES_NORM_EPS = 1e-6
 
 
 class LoraExpert(nn.Module):
@@ -119,6 +122,7 @@ class ModulaLinear(nn.Module):
         self.universal_scaling = cfg.universal_scaling
         self.domain_scaling = cfg.domain_scaling
         self.negative_slope = cfg.leaky_relu_slope
+        self.res_norm_eps = RES_NORM_EPS if cfg.res_input_norm == "rms" else None
         self.top_k = cfg.router.top_k
         self.temperature = cfg.router.temperature
         self.name = name
@@ -264,7 +268,7 @@ class ModulaLinear(nn.Module):
         dropout_active = self.training and not isinstance(self.dropout, nn.Identity)
         z = self.dropout(xa)
         residual = (
-            Residual(self.universal.A, self.universal.B, self.universal_scaling)
+            Residual(self.universal.A, self.universal.B, self.universal_scaling, self.res_norm_eps)
             if self.variant == "res"
             else None
         )
