@@ -339,3 +339,82 @@ def test_report_without_results_says_what_to_run(tmp_path):
     st = Storage(StorageConfig(root=str(tmp_path)))
     with pytest.raises(FileNotFoundError, match="modula eval"):
         write_report(st, tmp_path / "out")
+
+
+# ---- routing the evaluation: per-token routers, the request classifier, the pinned oracle ------
+
+
+@pytest.fixture(scope="module")
+def modula_model(model, tok):
+    """The tiny model as MoDULA-Res over math and headlines, with a classifier that tells
+    the domains' prompts apart (fitted on their own features: a fixed, known router)."""
+    import copy
+
+    from modula.config import ModulaLayerConfig
+    from modula.model import attach_modula
+
+    m = attach_modula(copy.deepcopy(model), ModulaLayerConfig(variant="res", universal_rank=4,
+                                                              domain_rank=2),
+                      ["math", "headlines"])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith(".B") or name.endswith("router.weight"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    prompts = {0: [r["prompt"] for r in RECORDS["general"]][:1] + ["Say hello.", "Greet me."],
+               1: ["What is 2 + 3?", "What is 4 + 4?", "What is 9 - 1?"],
+               2: ["Headline: X wins.", "Headline: Y loses.", "Headline: Z grows."]}
+    from modula.data.encode import collate
+    from modula.data.tokenizer import render_prompt
+
+    feats, labels = [], []
+    for c, ps in prompts.items():
+        enc = [{"input_ids": tok(render_prompt(tok, p), add_special_tokens=False)["input_ids"]}
+               for p in ps]
+        b = collate(enc, tok.pad_token_id)
+        feats.append(m.request_features(b["input_ids"], b["attention_mask"]))
+        labels += [c] * len(ps)
+    m.request_router.fit(torch.cat(feats), torch.tensor(labels), steps=300)
+    return m.eval()
+
+
+def test_request_routing_equals_pinning_where_the_classifier_is_right(modula_model, tok, tmp_path):
+    from modula.eval.evaluate import evaluate_model, routing_for
+
+    cfg = _cfg(tmp_path)
+    cfg.eval.max_new_tokens = 4  # three evaluations: keep the generation short
+    records = {d: RECORDS[d] for d in ("general", "math", "headlines")}
+    request = routing_for(modula_model, tok, "request", 64, top_k=1)
+    pinned = routing_for(modula_model, tok, "pinned", 64)
+    assert routing_for(modula_model, tok, "token", 64) is None
+    # the classifier is right on these prompts, so request routing is the oracle
+    w = request("math")(["What is 2 + 3?", "Headline: X wins.", "Say hi."])["expert_weights"]
+    assert torch.equal(w, torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+    a = evaluate_model(modula_model, tok, cfg, records, "res", routing=request)
+    b = evaluate_model(modula_model, tok, cfg, records, "res", routing=pinned)
+    c = evaluate_model(modula_model, tok, cfg, records, "res")  # per-token routers
+    for d in records:
+        assert a.domains[d].perplexity == pytest.approx(b.domains[d].perplexity, rel=1e-6)
+        assert a.domains[d].score == b.domains[d].score
+    assert any(abs(c.domains[d].perplexity - b.domains[d].perplexity) > 1e-3 for d in records)
+    # the oracle pins general to the universal expert alone
+    with torch.no_grad():
+        from modula.eval.evaluate import response_nll
+
+        modula_model.force_domain("universal")
+        want = response_nll(modula_model, tok, RECORDS["general"], 64)
+        modula_model.force_domain(None)
+    got = response_nll(modula_model, tok, RECORDS["general"], 64, route=pinned("general"))
+    assert got[0] == pytest.approx(want[0], rel=1e-6) and got[1] == want[1]
+    with pytest.raises(ValueError, match="unknown routing"):
+        routing_for(modula_model, tok, "sideways", 64)
+
+
+def test_gate_shares_follow_the_request_routing(modula_model, tok):
+    from modula.eval.evaluate import routing_for
+
+    recs = {"math": RECORDS["math"], "headlines": RECORDS["headlines"]}
+    g = collect_gate_shares(modula_model, tok, recs, 64, batch_size=2,
+                            routing=routing_for(modula_model, tok, "request", 64, top_k=1))
+    np.testing.assert_allclose(g.shares[:, 0], [[1.0, 0.0]] * len(g.layers), atol=1e-6)
+    np.testing.assert_allclose(g.shares[:, 1], [[0.0, 1.0]] * len(g.layers), atol=1e-6)

@@ -46,7 +46,9 @@ def test_plan_follows_the_paper():
     assert uni.trains == ("universal",) and uni.data == ("general",) and uni.inputs == ()
     assert (d1.trains, d1.data, d1.model_stage) == (("math",), ("math",), "domain:math")
     assert d1.inputs == ("universal",)  # Res/Flan domain experts build on the frozen universal
-    assert router.trains == ("routers",) and set(router.inputs) == {"universal", "math", "units"}
+    # the router stage trains the routers and the request classifier
+    assert router.trains == ("routers", "classifier")
+    assert set(router.inputs) == {"universal", "math", "units"}
     assert "headlines" not in router.domains  # reserved for the pluggability experiment
     # run names are stable (a rerun resumes) and change with the config
     assert [r.name for w in plan_stage(cfg, "all") for r in w] == [r.name for w in waves for r in w]
@@ -194,7 +196,8 @@ def test_train_all_publishes_a_loadable_model_on_s3(s3_trained, tiny_base, tmp_p
     assert any(k.startswith("registry/modula/blobs/") for k in keys)
     version = Registry.from_config(cfg).show("modula")
     assert version.version == 1 and version.variant == "res"
-    assert set(version.experts) == {"universal", "math", "units", "routers"}
+    assert set(version.experts) == {"universal", "math", "units", "routers", "classifier"}
+    assert version.experts["classifier"].kind == "classifier"
     assert version.experts["math"].training["stage"] == "domains"
     local = Registry.from_config(cfg).fetch("modula", dest=tmp_path / "m")
     base = AutoModelForCausalLM.from_pretrained(tiny_base)
@@ -210,6 +213,10 @@ def test_train_all_publishes_a_loadable_model_on_s3(s3_trained, tiny_base, tmp_p
     assert torch.isfinite(out.logits).all()
     gates = next(iter(model.gate_weights().values()))
     assert gates.shape[-1] == 2 and torch.allclose(gates.sum(-1), torch.ones(1, 10), atol=1e-5)
+    # the published request classifier was fitted in the router run and routes whole requests
+    assert model.request_router.trained and model.request_classes == ["universal", "math", "units"]
+    probs = model.request_probs(ids)
+    assert probs.shape == (1, 3) and torch.allclose(probs.sum(-1), torch.ones(1))
     # every run recorded its cost
     for c in costs:
         assert c.trainable_parameters > 0 and c.tokens > 0 and c.worker_seconds > 0
@@ -219,7 +226,9 @@ def test_train_all_publishes_a_loadable_model_on_s3(s3_trained, tiny_base, tmp_p
     assert by_stage["domains"].trainable_parameters == sum(
         p.numel() for n in ("math", "units") for p in model.expert_parameters(n))
     assert by_stage["router"].trainable_parameters == sum(
-        p.numel() for p in model.expert_parameters("routers"))
+        p.numel() for p in model.expert_parameters("routers")) + sum(
+        p.numel() for p in model.request_router.head.parameters())
+    assert 0 <= by_stage["router"].metrics["classifier_accuracy"] <= 1
     assert by_stage["router"].trainable_parameters < by_stage["universal"].trainable_parameters
 
 
@@ -231,7 +240,8 @@ def test_add_domain_trains_one_expert_and_the_routers_only(s3_trained, tmp_path)
     cfg, storage, _ = s3_trained
     reg = Registry.from_config(cfg)
     before = reg.fetch("modula", dest=tmp_path / "before")
-    old = {n: _sha(before.expert_path(n)) for n in ("universal", "math", "units", "routers")}
+    old = {n: _sha(before.expert_path(n))
+           for n in ("universal", "math", "units", "routers", "classifier")}
     version, costs = add_domain(cfg, "headlines", storage=storage, show_progress=False)
     assert version.version == 2 and version.parent == 1
     after = reg.fetch("modula", dest=tmp_path / "after")
@@ -240,9 +250,10 @@ def test_add_domain_trains_one_expert_and_the_routers_only(s3_trained, tmp_path)
         assert _sha(after.expert_path(n)) == old[n], f"{n} changed"
         assert after.manifest.experts[n].version == 1
     assert _sha(after.expert_path("routers")) != old["routers"]
+    assert _sha(after.expert_path("classifier")) != old["classifier"]  # one more class
     assert after.manifest.experts["headlines"].version == 2
     assert [c.stage for c in costs] == ["domains", "router"]
-    assert [c.trains for c in costs] == [["headlines"], ["routers"]]
+    assert [c.trains for c in costs] == [["headlines"], ["routers", "classifier"]]
     with pytest.raises(ValueError, match="already in modula v2"):
         add_domain(cfg, "headlines", storage=storage, show_progress=False)
 

@@ -31,10 +31,13 @@ MODEL_NAME_RE = re.compile(MODEL_NAME)
 SERVED_NAME_RE = re.compile(SERVED_NAME)
 
 # expert names that are not domains
-RESERVED_EXPERT_NAMES = ("universal", "routers", "router")
+RESERVED_EXPERT_NAMES = ("universal", "routers", "router", "classifier")
 
 
 def expert_file(name: str) -> str:
     """The file of an expert in an experts folder or a workspace: ``universal.safetensors``,
-    ``routers.safetensors``, ``domain-<name>.safetensors``."""
-    return f"{name}.safetensors" if name in ("universal", "routers") else f"domain-{name}.safetensors"
+    ``routers.safetensors``, ``classifier.safetensors`` (the request router),
+    ``domain-<name>.safetensors``."""
+    if name in ("universal", "routers", "classifier"):
+        return f"{name}.safetensors"
+    return f"domain-{name}.safetensors"

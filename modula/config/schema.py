@@ -317,10 +317,16 @@ class ModelConfig(_Section):
 
 
 class RouterConfig(_Section):
-    """Per-layer routers. The paper: dense softmax per token (top_k = None, temperature 1)."""
+    """Routing. The paper: the per-layer routers, a dense softmax per token (granularity
+    token, top_k None, temperature 1). [ours] ``request``: a classifier trained in the router
+    stage picks the experts of a whole request from its prompt (docs/method.md)."""
 
     top_k: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(gt=0)] = 1.0
+    granularity: Literal["token", "request"] = "token"
+    # request routing: the classifier's k most likely classes, renormalised (1: the top class
+    # alone; None: every class weighted by its probability)
+    request_top_k: Annotated[int, Field(ge=1)] | None = 1
 
 
 class ModulaLayerConfig(_Section):
@@ -341,6 +347,14 @@ class ModulaLayerConfig(_Section):
     res_input_norm: Literal["none", "rms"] = "none"
     router: RouterConfig = Field(default_factory=RouterConfig)
     kernel: KernelBackend = "auto"
+
+    @model_validator(mode="after")
+    def _request_routing(self) -> ModulaLayerConfig:
+        if self.router.granularity == "request" and self.variant not in ("flan", "res"):
+            raise ValueError(
+                f"router.granularity: 'request' needs a MoDULA variant with a universal expert "
+                f"(allowed with variant {self.variant!r}: token)")
+        return self
 
     @field_validator("target_modules")
     @classmethod
@@ -431,6 +445,12 @@ class StageConfig(_Section):
     general_fraction: Annotated[float, Field(ge=0, le=1)] = 0.2
     # domain stage: how many domain experts share one Ray Train run
     domains_per_run: Annotated[int, Field(ge=1)] = 1
+    # router stage [ours]: the request classifier's training prompts per class and Adam steps
+    classifier_examples: Annotated[int, Field(ge=1)] = 300
+    classifier_steps: Annotated[int, Field(ge=1)] = 300
+    # router stage [ours]: weight of a per-token cross-entropy pulling each layer's gates
+    # toward the expert of the example's domain (0 = the paper's plain language-model loss)
+    route_supervision: Annotated[float, Field(ge=0)] = 0.0
     scaling: ScalingConfigSpec = Field(default_factory=ScalingConfigSpec)
 
     @model_validator(mode="after")

@@ -27,6 +27,7 @@ from modula.infra.layout import scratch_dir
 
 __all__ = [
     "IGNORE_INDEX",
+    "ROUTE_TARGETS",
     "encode_example",
     "encode_text",
     "pack",
@@ -38,6 +39,8 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100
+# per token: the gate column router supervision pulls toward (-100: no target)
+ROUTE_TARGETS = "route_targets"
 
 
 def encode_example(tokenizer: Any, prompt: str, response: str, max_length: int,
@@ -73,43 +76,41 @@ def encode_text(tokenizer: Any, text: str, max_length: int, min_tokens: int = 16
 def pack(examples: list[dict[str, list[int]]], max_length: int, pad_id: int
          ) -> dict[str, np.ndarray]:
     """Greedy in-order packing into rows of `max_length`: ``input_ids``, ``labels`` and
-    ``position_ids`` (int64, shape [rows, max_length]). Padding has label -100 and its own
-    positions, so it forms a separate segment no example attends to."""
-    rows_ids: list[list[int]] = []
-    rows_lab: list[list[int]] = []
-    rows_pos: list[list[int]] = []
-    cur_ids: list[int] = []
-    cur_lab: list[int] = []
-    cur_pos: list[int] = []
+    ``position_ids`` (int64, shape [rows, max_length]), plus ``route_targets`` when the
+    examples carry them. Padding has label (and route target) -100 and its own positions, so
+    it forms a separate segment no example attends to."""
+    extra = [k for k in (ROUTE_TARGETS,) if examples and k in examples[0]]
+    keys = ["input_ids", "labels", "position_ids", *extra]
+    rows: dict[str, list[list[int]]] = {k: [] for k in keys}
+    cur: dict[str, list[int]] = {k: [] for k in keys}
 
     def flush() -> None:
-        if not cur_ids:
+        if not cur["input_ids"]:
             return
-        n = max_length - len(cur_ids)
-        rows_ids.append(cur_ids + [pad_id] * n)
-        rows_lab.append(cur_lab + [IGNORE_INDEX] * n)
-        rows_pos.append(cur_pos + list(range(n)))
+        n = max_length - len(cur["input_ids"])
+        rows["input_ids"].append(cur["input_ids"] + [pad_id] * n)
+        rows["labels"].append(cur["labels"] + [IGNORE_INDEX] * n)
+        rows["position_ids"].append(cur["position_ids"] + list(range(n)))
+        for k in extra:
+            rows[k].append(cur[k] + [IGNORE_INDEX] * n)
 
     for ex in examples:
-        ids, lab = ex["input_ids"][:max_length], ex["labels"][:max_length]
+        ids = ex["input_ids"][:max_length]
         if not ids:
             continue
-        if len(cur_ids) + len(ids) > max_length:
+        if len(cur["input_ids"]) + len(ids) > max_length:
             flush()
-            cur_ids, cur_lab, cur_pos = [], [], []
-        cur_ids = cur_ids + list(ids)
-        cur_lab = cur_lab + list(lab)
-        cur_pos = cur_pos + list(range(len(ids)))
+            cur = {k: [] for k in keys}
+        cur["input_ids"] += list(ids)
+        cur["labels"] += list(ex["labels"][:max_length])
+        cur["position_ids"] += list(range(len(ids)))
+        for k in extra:
+            cur[k] += list(ex[k][:max_length])
     flush()
-    shape = (len(rows_ids), max_length)
-    if not rows_ids:
-        empty = np.zeros((0, max_length), dtype=np.int64)
-        return {"input_ids": empty, "labels": empty.copy(), "position_ids": empty.copy()}
-    return {
-        "input_ids": np.asarray(rows_ids, dtype=np.int64).reshape(shape),
-        "labels": np.asarray(rows_lab, dtype=np.int64).reshape(shape),
-        "position_ids": np.asarray(rows_pos, dtype=np.int64).reshape(shape),
-    }
+    shape = (len(rows["input_ids"]), max_length)
+    if not rows["input_ids"]:
+        return {k: np.zeros((0, max_length), dtype=np.int64) for k in keys}
+    return {k: np.asarray(v, dtype=np.int64).reshape(shape) for k, v in rows.items()}
 
 
 def collate(examples: list[dict[str, list[int]]], pad_id: int, side: str = "right") -> dict[str, Any]:
@@ -161,29 +162,39 @@ def tokenizer_from_files(files: dict[str, bytes]) -> Any:
 
 
 def tokenize_batch(batch: dict[str, np.ndarray], *, files: dict[str, bytes], digest: str,
-                   max_length: int, train_on_prompt: bool, do_pack: bool) -> dict[str, np.ndarray]:
-    """A Ray Data batch of records (``prompt``/``response``) or documents (``text``) → token rows."""
+                   max_length: int, train_on_prompt: bool, do_pack: bool,
+                   route_columns: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    """A Ray Data batch of records (``prompt``/``response``) or documents (``text``) → token rows.
+    ``route_columns`` (domain → gate column, router supervision): every token of a record
+    gets its domain's column as ``route_targets`` (-100 for a domain not listed)."""
     tok = _tokenizer_from(digest, tuple(sorted(files.items())))  # digest computed once, by the caller
     examples: list[dict[str, list[int]]] = []
     if "text" in batch:
         for text in batch["text"]:
             examples += encode_text(tok, str(text), max_length)
     else:
-        for p, r in zip(batch["prompt"], batch["response"], strict=True):
-            examples.append(encode_example(tok, str(p), str(r), max_length, train_on_prompt))
+        domains = batch["domain"] if route_columns is not None else None
+        for i, (p, r) in enumerate(zip(batch["prompt"], batch["response"], strict=True)):
+            ex = encode_example(tok, str(p), str(r), max_length, train_on_prompt)
+            if domains is not None:
+                col = route_columns.get(str(domains[i]), IGNORE_INDEX)
+                ex[ROUTE_TARGETS] = [col] * len(ex["input_ids"])
+            examples.append(ex)
     if do_pack:
         return pack(examples, max_length, tok.pad_token_id)
     # one example per row, right-padded to max_length
     rows = [pack([e], max_length, tok.pad_token_id) for e in examples]
+    keys = ("input_ids", "labels", "position_ids") + ((ROUTE_TARGETS,) if route_columns else ())
     return {k: np.concatenate([r[k] for r in rows]) if rows else np.zeros((0, max_length), np.int64)
-            for k in ("input_ids", "labels", "position_ids")}
+            for k in keys}
 
 
 def tokenized_dataset(ds: Any, tokenizer_dir: str | Path, max_length: int,
                       train_on_prompt: bool = False, do_pack: bool = True,
-                      batch_size: int = 256) -> Any:
+                      batch_size: int = 256, route_columns: dict[str, int] | None = None) -> Any:
     """Map a Ray Data dataset of records or documents to fixed-length integer token rows."""
     files = tokenizer_files(tokenizer_dir)
     fn = functools.partial(tokenize_batch, files=files, digest=_files_digest(files),
-                           max_length=max_length, train_on_prompt=train_on_prompt, do_pack=do_pack)
+                           max_length=max_length, train_on_prompt=train_on_prompt, do_pack=do_pack,
+                           route_columns=route_columns)
     return ds.map_batches(fn, batch_format="numpy", batch_size=batch_size)

@@ -10,8 +10,8 @@ from rich.console import Console
 
 from modula.config.loader import load_config
 from modula.config.options import ConfigOpt, SetOpt
-from modula.errors import ModulaError
-from modula.eval.evaluate import DomainResult
+from modula.errors import ModulaError, UsageError
+from modula.eval.evaluate import ROUTINGS, DomainResult
 from modula.eval.report import ResultsMissing, domain_line, load_results, render_table, write_report
 from modula.eval.run import load_model_dir, run_eval
 from modula.infra.layout import EVAL_RESULTS
@@ -29,11 +29,15 @@ def eval_cmd(
     split: Annotated[str, typer.Option(help="validation or test")] = "test",
     domain: Annotated[list[str] | None, typer.Option("--domain", "-d", help="Only this domain (repeatable).")] = None,
     limit: Annotated[int | None, typer.Option(help="Examples per domain (default: eval.max_examples).")] = None,
+    routing: Annotated[str | None, typer.Option(
+        help="token | request | pinned (the oracle); default: modula.router.granularity")] = None,
 ) -> None:
     """Evaluate one model on every configured domain and store its result."""
     cfg = load_config(config, set_)
     if split not in ("validation", "test"):
         raise ModulaError(f"--split: {split!r} is not allowed (allowed: validation, test)")
+    if routing is not None and routing not in ROUTINGS:
+        raise UsageError(f"--routing: {routing!r} is not allowed (allowed: {', '.join(ROUTINGS)})")
     console = Console()
     storage = Storage(cfg.storage)
     row_name = variant
@@ -48,7 +52,9 @@ def eval_cmd(
     with console.status(f"evaluating {row_name}"):
         result, shares = run_eval(cfg, storage, variant=row_name, model=mdl, tokenizer=tok,
                                   split=split, domains=domain or None, limit=limit,
-                                  on_domain=show, model_name=str(model) if model else "")
+                                  on_domain=show, model_name=str(model) if model else "",
+                                  routing=routing)
+    row_name = result.variant
     console.print(render_table({row_name: result}, title=f"{row_name} ({split}, {result.seconds:.0f}s)"))
     if shares is not None:
         console.print(f"router gate shares recorded for {len(shares.layers)} routers")

@@ -45,6 +45,12 @@ __all__ = [
     "evaluate_model",
     "collect_gate_shares",
     "label_set",
+    "ROUTINGS",
+    "Route",
+    "Routing",
+    "pinned_routing",
+    "request_routing",
+    "routing_for",
 ]
 
 
@@ -68,6 +74,8 @@ class VariantResult:
     domain_perplexity: float | None
     seconds: float
     model: str = ""
+    # how a MoDULA model was routed: token | request | pinned ("" for models without experts)
+    routing: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -90,6 +98,68 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+# The routing inputs of one batch: its prompts -> extra keyword arguments of the model's
+# forward / generate (``expert_weights`` ...); see :func:`request_routing`.
+Route = Callable[[list[str]], dict[str, Any]]
+# The Route of each domain's batches (the pinned oracle differs per domain).
+Routing = Callable[[str], Route | None]
+
+ROUTINGS = ("token", "request", "pinned")
+
+
+def request_routing(model: Any, tokenizer: Any, max_length: int,
+                    top_k: int | None = None) -> Routing:
+    """Route every batch by the model's request classifier: each row gets the classifier's
+    gate weights for its own prompt (the prompt alone, as a serving replica sees it)."""
+    import torch
+
+    dev = _device(model)
+    limit = max(1, max_length // 2)
+
+    def route(prompts: list[str]) -> dict[str, Any]:
+        enc = [{"input_ids": tokenizer(render_prompt(tokenizer, p),
+                                       add_special_tokens=False)["input_ids"][-limit:]}
+               for p in prompts]
+        batch = collate(enc, tokenizer.pad_token_id)
+        with torch.no_grad():
+            probs = model.request_probs(batch["input_ids"].to(dev),
+                                        batch["attention_mask"].to(dev))
+        return {"expert_weights": model.request_weights(probs, top_k)}
+
+    return lambda domain: route
+
+
+def pinned_routing(model: Any) -> Routing:
+    """The oracle: every row of a domain pinned to that domain's expert, ``general`` (or any
+    domain without an expert) to the universal expert alone."""
+    import torch
+
+    names = list(model.expert_names)
+
+    def for_domain(domain: str) -> Route:
+        w = torch.zeros(len(names))
+        if domain in names:
+            w[names.index(domain)] = 1.0
+        elif "universal" in names:
+            w[names.index("universal")] = 1.0  # Flan; Res: all zero = the universal alone
+        return lambda prompts: {"expert_weights": w.expand(len(prompts), -1)}
+
+    return for_domain
+
+
+def routing_for(model: Any, tokenizer: Any, how: str, max_length: int,
+                top_k: int | None = None) -> Routing | None:
+    """The :data:`Routing` of ``how``: ``token`` (the per-token routers, the paper), ``request``
+    (the classifier) or ``pinned`` (the oracle). Models without experts take none."""
+    if how not in ROUTINGS:
+        raise ValueError(f"unknown routing {how!r} (allowed: {', '.join(ROUTINGS)})")
+    if how == "token" or not getattr(model, "expert_names", None):
+        return None
+    if how == "request":
+        return request_routing(model, tokenizer, max_length, top_k)
+    return pinned_routing(model)
+
+
 def _logits(out: Any) -> Any:
     return out.logits if hasattr(out, "logits") else out[0]
 
@@ -108,14 +178,16 @@ def _device(model: Any) -> Any:
         return torch.device("cpu")
 
 
-def _token_nll(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
+def _token_nll(model: Any, batch: dict[str, Any], extra: dict[str, Any] | None = None
+               ) -> tuple[Any, Any]:
     """Per-example summed NLL over label tokens, and the number of label tokens."""
     import torch
     import torch.nn.functional as F
 
     dev = _device(model)
     logits = _logits(model(input_ids=batch["input_ids"].to(dev),
-                           attention_mask=batch["attention_mask"].to(dev), use_cache=False))
+                           attention_mask=batch["attention_mask"].to(dev), use_cache=False,
+                           **(extra or {})))
     logits = logits[:, :-1].float()
     labels = batch["labels"][:, 1:].to(dev)
     nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
@@ -125,7 +197,8 @@ def _token_nll(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
 
 
 def response_nll(model: Any, tokenizer: Any, records: list[dict[str, str]], max_length: int,
-                 batch_size: int = 16, train_on_prompt: bool = False) -> tuple[float, int]:
+                 batch_size: int = 16, train_on_prompt: bool = False,
+                 route: Route | None = None) -> tuple[float, int]:
     """(total negative log-likelihood, tokens) of the responses (+ eos) given their prompts."""
     import torch
 
@@ -133,15 +206,18 @@ def response_nll(model: Any, tokenizer: Any, records: list[dict[str, str]], max_
     encoded = [encode_example(tokenizer, r["prompt"], r["response"], max_length, train_on_prompt)
                for r in records]
     with torch.no_grad():
-        for chunk in _batches(encoded, batch_size):
-            nll, n = _token_nll(model, collate(chunk, tokenizer.pad_token_id))
+        for start in range(0, len(encoded), batch_size):
+            chunk = encoded[start: start + batch_size]
+            extra = route([r["prompt"] for r in records[start: start + batch_size]]) if route else None
+            nll, n = _token_nll(model, collate(chunk, tokenizer.pad_token_id), extra)
             total += float(nll.sum())
             count += int(n.sum())
     return total, count
 
 
 def generate_responses(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int,
-                       batch_size: int = 16, max_prompt_tokens: int | None = None) -> list[str]:
+                       batch_size: int = 16, max_prompt_tokens: int | None = None,
+                       route: Route | None = None) -> list[str]:
     """Greedy continuations of the chat-formatted prompts, special tokens removed."""
     import torch
 
@@ -163,6 +239,7 @@ def generate_responses(model: Any, tokenizer: Any, prompts: list[str], max_new_t
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
+                **(route(chunk) if route else {}),
             )
         new = gen[:, batch["input_ids"].shape[1]:]
         out += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
@@ -170,7 +247,7 @@ def generate_responses(model: Any, tokenizer: Any, prompts: list[str], max_new_t
 
 
 def choose_labels(model: Any, tokenizer: Any, prompts: list[str], labels: list[str],
-                  max_length: int, batch_size: int = 16) -> list[str]:
+                  max_length: int, batch_size: int = 16, route: Route | None = None) -> list[str]:
     """For each prompt, the label whose response (label + eos) the model finds most likely."""
     import torch
 
@@ -181,7 +258,9 @@ def choose_labels(model: Any, tokenizer: Any, prompts: list[str], labels: list[s
     enc = [encode_example(tokenizer, prompts[i], labels[j], max_length) for i, j in pairs]
     with torch.no_grad():
         for start in range(0, len(pairs), batch_size):
-            nll, _ = _token_nll(model, collate(enc[start: start + batch_size], tokenizer.pad_token_id))
+            extra = route([prompts[i] for i, _ in pairs[start: start + batch_size]]) if route else None
+            nll, _ = _token_nll(model, collate(enc[start: start + batch_size],
+                                               tokenizer.pad_token_id), extra)
             for k, v in enumerate(nll.tolist()):
                 i, j = pairs[start + k]
                 scores[i, j] = -v
@@ -195,21 +274,23 @@ def label_set(records: list[dict[str, str]]) -> list[str]:
 
 def evaluate_domain(model: Any, tokenizer: Any, domain: DomainConfig, records: list[dict[str, str]],
                     max_length: int, max_new_tokens: int = 32, batch_size: int = 16,
-                    labels: list[str] | None = None, n_samples: int = 3) -> DomainResult:
-    """Response perplexity, plus the domain's metric when it is exact match or accuracy."""
-    nll, n_tok = response_nll(model, tokenizer, records, max_length, batch_size)
+                    labels: list[str] | None = None, n_samples: int = 3,
+                    route: Route | None = None) -> DomainResult:
+    """Response perplexity, plus the domain's metric when it is exact match or accuracy.
+    ``route``: the per-batch routing inputs (see :data:`Route`); None = the model's own."""
+    nll, n_tok = response_nll(model, tokenizer, records, max_length, batch_size, route=route)
     res = DomainResult(domain.name, domain.metric, len(records), perplexity(nll, n_tok))
     refs = [r.get("answer") or r["response"] for r in records]
     prompts = [r["prompt"] for r in records]
     if domain.metric == "exact_match":
         preds = generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size,
-                                   max_prompt_tokens=max_length - max_new_tokens)
+                                   max_prompt_tokens=max_length - max_new_tokens, route=route)
         res.score = 100.0 * mean([float(exact_match(p, r)) for p, r in zip(preds, refs, strict=True)])
         res.samples = [{"prompt": p, "prediction": q, "answer": r}
                        for p, q, r in list(zip(prompts, preds, refs, strict=True))[:n_samples]]
     elif domain.metric == "accuracy":
         preds = choose_labels(model, tokenizer, prompts, labels or label_set(records), max_length,
-                              batch_size)
+                              batch_size, route=route)
         res.score = 100.0 * accuracy(preds, refs)
         res.samples = [{"prompt": p, "prediction": q, "answer": r}
                        for p, q, r in list(zip(prompts, preds, refs, strict=True))[:n_samples]]
@@ -219,8 +300,10 @@ def evaluate_domain(model: Any, tokenizer: Any, domain: DomainConfig, records: l
 def evaluate_model(model: Any, tokenizer: Any, cfg: ModulaConfig, records: dict[str, list[dict[str, str]]],
                    variant: str, split: str = "test", labels: dict[str, list[str]] | None = None,
                    on_domain: Callable[[DomainResult], None] | None = None,
-                   model_name: str = "") -> VariantResult:
-    """Evaluate one model on every domain in `records` (name → rows, already limited)."""
+                   model_name: str = "", routing: Routing | None = None) -> VariantResult:
+    """Evaluate one model on every domain in `records` (name → rows, already limited).
+    ``routing(domain)`` gives the :data:`Route` of that domain's batches (None: the model's
+    own per-token routers)."""
     t0 = time.time()
     was_training = getattr(model, "training", False)
     model.eval()
@@ -229,7 +312,8 @@ def evaluate_model(model: Any, tokenizer: Any, cfg: ModulaConfig, records: dict[
         for name, rows in records.items():
             r = evaluate_domain(model, tokenizer, cfg.domain(name), rows, cfg.model.max_length,
                                 cfg.eval.max_new_tokens, cfg.eval.batch_size,
-                                labels=(labels or {}).get(name))
+                                labels=(labels or {}).get(name),
+                                route=routing(name) if routing else None)
             out[name] = r
             if on_domain:
                 on_domain(r)
@@ -285,7 +369,8 @@ def expert_names(model: Any, n_experts: int) -> list[str]:
 
 
 def collect_gate_shares(model: Any, tokenizer: Any, records: dict[str, list[dict[str, str]]],
-                        max_length: int, batch_size: int = 16) -> GateShares:
+                        max_length: int, batch_size: int = 16,
+                        routing: Routing | None = None) -> GateShares:
     """Run each domain's records through a MoDULA model, capturing the router gates
     (``with model.capture_gates(): model(**batch)`` then ``model.gate_weights()`` →
     {layer: Tensor[batch, seq, experts]}), and average them over the real (unpadded) tokens."""
@@ -301,12 +386,14 @@ def collect_gate_shares(model: Any, tokenizer: Any, records: dict[str, list[dict
     for domain, rows in records.items():
         enc = [encode_example(tokenizer, r["prompt"], r["response"], max_length) for r in rows]
         counts[domain] = 0
-        for chunk in _batches(enc, batch_size):
-            batch = collate(chunk, tokenizer.pad_token_id)
+        route = routing(domain) if routing else None
+        for start in range(0, len(enc), batch_size):
+            batch = collate(enc[start: start + batch_size], tokenizer.pad_token_id)
             mask = batch["attention_mask"].bool()
+            extra = route([r["prompt"] for r in rows[start: start + batch_size]]) if route else {}
             with torch.no_grad(), model.capture_gates():
                 model(input_ids=batch["input_ids"].to(dev),
-                      attention_mask=batch["attention_mask"].to(dev), use_cache=False)
+                      attention_mask=batch["attention_mask"].to(dev), use_cache=False, **extra)
             gates = model.gate_weights()
             for layer, g in gates.items():
                 if layer not in layer_order:

@@ -26,6 +26,7 @@ from modula.eval.evaluate import (
     collect_gate_shares,
     evaluate_model,
     label_set,
+    routing_for,
 )
 from modula.eval.report import EvalError, save_gate_shares, save_result
 from modula.infra.layout import published_name, scratch_dir
@@ -40,6 +41,7 @@ __all__ = [
     "load_variant",
     "eval_records",
     "run_eval",
+    "default_routing",
 ]
 
 VariantLoader = Callable[[ModulaConfig, Storage], tuple[Any, Any]]
@@ -110,13 +112,26 @@ def eval_records(cfg: ModulaConfig, storage: Storage, split: str = "test",
     return rows, labels
 
 
+def default_routing(cfg: ModulaConfig, model: Any) -> str:
+    """How a model is routed unless told: the config's ``modula.router.granularity`` for a
+    MoDULA model (flan, res), the per-token routers for the others."""
+    if getattr(model, "variant", None) in ("flan", "res"):
+        return cfg.modula.router.granularity
+    return "token"
+
+
 def run_eval(cfg: ModulaConfig, storage: Storage | None = None, variant: str = "base",
              model: Any = None, tokenizer: Any = None, split: str = "test",
              domains: list[str] | None = None, limit: int | None = None, gates: bool = True,
              on_domain: Callable[[DomainResult], None] | None = None, save: bool = True,
-             model_name: str = "") -> tuple[VariantResult, GateShares | None]:
+             model_name: str = "", routing: str | None = None
+             ) -> tuple[VariantResult, GateShares | None]:
     """Evaluate one model on the configured domains and store its result (and gate shares when
-    the model has routers) under ``reports/eval/``."""
+    the model has routers) under ``reports/eval/``.
+
+    ``routing``: ``token`` (the per-token routers), ``request`` (the request classifier) or
+    ``pinned`` (the oracle: each domain on its own expert); default :func:`default_routing`.
+    A result routed other than the default is named ``<variant>+<routing>``."""
     storage = storage or Storage(cfg.storage)
     ensure_data(cfg, storage, domains)
     if model is None:
@@ -124,14 +139,27 @@ def run_eval(cfg: ModulaConfig, storage: Storage | None = None, variant: str = "
         model_name = model_name or (cfg.model.base if variant == "base" else variant)
     elif tokenizer is None:
         raise EvalError("a model was given without its tokenizer")
+    how = routing or default_routing(cfg, model)
+    try:
+        route = routing_for(model, tokenizer, how, cfg.model.max_length,
+                            cfg.modula.router.request_top_k)
+    except ValueError as exc:
+        raise EvalError(str(exc)) from None
+    if route is not None and how == "request" and not getattr(model.request_router, "trained", False):
+        raise EvalError(f"{variant} has no trained request classifier (published before request "
+                        "routing existed?): evaluate with --routing token, or retrain the router "
+                        "stage")
+    if routing is not None and routing != default_routing(cfg, model):
+        variant = f"{variant}+{routing}"
     rows, labels = eval_records(cfg, storage, split, domains, limit)
     result = evaluate_model(model, tokenizer, cfg, rows, variant, split, labels,
-                            on_domain=on_domain, model_name=model_name)
+                            on_domain=on_domain, model_name=model_name, routing=route)
+    result.routing = how if getattr(model, "expert_names", None) else ""
     shares = None
     if gates and hasattr(model, "capture_gates"):
         expert_rows = {d: r for d, r in rows.items() if d != "general"}
         shares = collect_gate_shares(model, tokenizer, expert_rows, cfg.model.max_length,
-                                     cfg.eval.batch_size)
+                                     cfg.eval.batch_size, routing=route)
     if save:
         save_result(storage, result)
         if shares is not None:

@@ -246,11 +246,12 @@ class LocalModel:
 
 def guess_expert(path: str) -> tuple[str, str]:
     """(name, kind) of an expert file from its path: ``universal.safetensors`` -> universal,
-    ``router*.safetensors`` -> router, anything else a domain named by its stem (a leading
-    ``domain-`` / ``domain_`` is dropped)."""
+    ``router*.safetensors`` -> router, ``classifier.safetensors`` -> classifier (the request
+    router), anything else a domain named by its stem (a leading ``domain-`` / ``domain_`` is
+    dropped)."""
     stem = PurePosixPath(path).name.split(".", 1)[0]
-    if stem == "universal":
-        return "universal", "universal"
+    if stem in ("universal", "classifier"):
+        return stem, stem
     if stem.startswith("router"):
         return stem, "router"
     for pre in ("domain-", "domain_", "domain."):

@@ -21,6 +21,7 @@ from .layer import ModulaLinear
 from .merge import merge_into_base
 from .model import STAGES, ModulaModel, attach_modula, mean_gate_per_expert
 from .peft_interop import export_peft, import_peft
+from .request_router import RequestRouter, request_gate_weights
 from .targets import DEFAULT_TARGETS, default_targets
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "ExpertFileError",
     "ModulaLinear",
     "ModulaModel",
+    "RequestRouter",
     "attach_modula",
     "base_model_fingerprint",
     "default_targets",
@@ -40,6 +42,7 @@ __all__ = [
     "mean_gate_per_expert",
     "merge_into_base",
     "read_manifest",
+    "request_gate_weights",
     "save_expert",
     "save_experts",
 ]

@@ -107,19 +107,28 @@ def base_model_fingerprint(model: nn.Module) -> str:
 
 
 def _expert_kind(name: str) -> str:
-    return name if name in ("universal", "routers") else "domain"
+    return name if name in ("universal", "routers", "classifier") else "domain"
 
 
-def _expert_names(model: ModulaModel) -> list[str]:
+def _expert_names(model: ModulaModel, *, classifier: bool | None = None) -> list[str]:
+    """The model's experts in file order. ``classifier``: include the request classifier
+    (default: when the model has a trained one, the only time it is worth saving)."""
     names = [] if model.variant == "molora" else ["universal"]
     names += model.domains
     if model.variant != "lora":
         names.append("routers")
+    rr = model.request_router
+    if rr is not None and (rr.trained if classifier is None else classifier):
+        names.append("classifier")
     return names
 
 
 def _expert_tensors(model: ModulaModel, name: str) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
+    if name == "classifier":
+        rr = model.request_router
+        return {"classifier.weight": rr.head.weight, "classifier.bias": rr.head.bias,
+                "classifier.mean": rr.mean, "classifier.scale": rr.scale}
     for path, lyr in model.modula_layers().items():
         if name == "routers":
             out[f"{path}.router"] = lyr.router.weight
@@ -133,6 +142,11 @@ def _expected_shapes(model_info: dict[str, Any], name: str, n_gates: int) -> dic
     """Tensor name -> shape an expert file must hold, from the manifest's module table."""
     variant = model_info["variant"]
     shapes: dict[str, tuple[int, ...]] = {}
+    if name == "classifier":
+        d = int((model_info.get("request_router") or {}).get("features", -1))
+        classes = n_gates + (variant == "res")  # [universal, *domains]
+        return {"classifier.weight": (classes, d), "classifier.bias": (classes,),
+                "classifier.mean": (d,), "classifier.scale": (d,)}
     for path, (d_in, d_out) in model_info["modules"].items():
         if name == "routers":
             shapes[f"{path}.router"] = (n_gates, d_in)
@@ -160,6 +174,9 @@ def _model_info(model: ModulaModel) -> dict[str, Any]:
         "router": {"top_k": cfg.router.top_k, "temperature": cfg.router.temperature},
         "target_modules": list(model.target_modules),
         "modules": {p: list(linear_dims(lyr.base_layer)) for p, lyr in model.modula_layers().items()},
+        **({"request_router": {"features": model.request_router.n_features,
+                               "layers": list(model.request_router.layers)}}
+           if model.request_router is not None else {}),
     }
 
 
@@ -185,6 +202,9 @@ def _file_metadata(model: ModulaModel, name: str, fingerprint: str) -> dict[str,
         meta["alpha"] = repr(cfg.domain_scaling * cfg.domain_rank)
         if cfg.variant == "res" and cfg.res_input_norm != "none":
             meta["input_norm"] = cfg.res_input_norm  # what the expert was trained to read
+    elif kind == "classifier":
+        meta["expert_order"] = json.dumps(model.request_classes)
+        meta["feature_layers"] = json.dumps(list(model.request_router.layers))
     else:
         meta["expert_order"] = json.dumps(model.expert_names)
     return meta
@@ -394,6 +414,11 @@ def _check_compatible(manifest: dict[str, Any], model: ModulaModel, where: str) 
     for key in ("variant", "universal_rank", "domain_rank", "leaky_relu_slope"):
         if manifest[key] != info[key]:
             raise ExpertFileError(f"{where}: {key} is {manifest[key]!r} in the files but {info[key]!r} in the model")
+    if _has_classifier(manifest) and (manifest.get("request_router") or {}).get("features") != (
+            info.get("request_router") or {}).get("features"):
+        raise ExpertFileError(f"{where}: the classifier was trained on other features "
+                              f"({manifest.get('request_router')}) than this model gives "
+                              f"({info.get('request_router')})")
     if manifest.get("res_input_norm", "none") != info["res_input_norm"]:
         raise ExpertFileError(f"{where}: res_input_norm is {manifest.get('res_input_norm', 'none')!r} "
                               f"in the files but {info['res_input_norm']!r} in the model")
@@ -442,9 +467,14 @@ def _read_all(
 
 
 def _copy_into(model: ModulaModel, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    if name == "classifier" and model.request_router is None:
+        raise ExpertFileError(f"the model has no request router to load a classifier into "
+                              f"(variant {model.variant!r})")
     with torch.no_grad():
         for key, target in _expert_tensors(model, name).items():
             target.copy_(tensors[key].to(dtype=target.dtype, device=target.device))
+    if name == "classifier":
+        model.request_router.trained = True
 
 
 def load_experts(
@@ -470,10 +500,14 @@ def load_experts(
         )
     if verify_base:
         _check_base(manifest, base_model_fingerprint(model), where)
-    loaded = _read_all(directory, manifest, _expert_names(model))
+    loaded = _read_all(directory, manifest, _expert_names(model, classifier=_has_classifier(manifest)))
     for name, tensors in loaded.items():
         _copy_into(model, name, tensors)
     return model
+
+
+def _has_classifier(manifest: dict[str, Any]) -> bool:
+    return any(e.get("name") == "classifier" for e in manifest["experts"])
 
 
 def load_modula(
@@ -503,6 +537,7 @@ def load_modula(
         raise ExpertFileError(f"{where}: the base model's target layers differ from the manifest's modules")
     names = (["universal"] if cfg.variant != "molora" else []) + list(manifest["domains"])
     names += ["routers"] if cfg.variant != "lora" else []
+    names += ["classifier"] if _has_classifier(manifest) else []
     loaded = _read_all(directory, manifest, names)
     dtype = adapter_dtype or getattr(torch, manifest["dtype"], None)
     if not isinstance(dtype, torch.dtype):
@@ -525,7 +560,7 @@ def load_expert(
     ``model``, whose expert ``name`` must exist (``add_domain`` first for a new domain)."""
     path = Path(path)
     where = f"{path} [{name}]"
-    if name not in _expert_names(model):
+    if name not in _expert_names(model, classifier=True):
         raise ExpertFileError(
             f"{where}: the model has no expert {name!r} (experts: {', '.join(_expert_names(model))}; "
             "add_domain() a new domain first)"
@@ -546,6 +581,10 @@ def load_expert(
         raise ExpertFileError(
             f"{where}: the expert was trained to read res_input_norm="
             f"{meta.get('input_norm', 'none')!r}, the model uses {cfg.res_input_norm!r}")
+    if name == "classifier" and meta.get("expert_order") != json.dumps(model.request_classes):
+        raise ExpertFileError(
+            f"{where}: classifier saved for classes {meta.get('expert_order')}, the model has "
+            f"{model.request_classes}")
     if name == "routers" and meta.get("expert_order") != json.dumps(model.expert_names):
         raise ExpertFileError(
             f"{where}: routers saved for experts {meta.get('expert_order')}, the model has {model.expert_names}"

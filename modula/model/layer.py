@@ -96,6 +96,8 @@ class LayerState:
     row_mask: Tensor | None = None
     router_rows: bool = True
     capture: dict[str, list[Tensor]] | None = None
+    # the router gates of the routed path, with their graph (router supervision, training)
+    collect: list[Tensor] | None = None
     disabled: bool = False
 
 
@@ -317,6 +319,8 @@ class ModulaLinear(nn.Module):
                     fixed = self._row_view(st.row_fixed, lead).unsqueeze(-1)
                     given = self._row_view(st.row_weights, lead).to(gates.dtype)
                     gates = torch.where(fixed, given, gates)
+                if st.collect is not None:
+                    st.collect.append(gates)
             if capture:
                 effective = gates
                 if ids is not None:

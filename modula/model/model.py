@@ -19,6 +19,7 @@ from modula.config.schema import ModulaLayerConfig
 from modula.kernels import BACKENDS
 
 from .layer import UNIVERSAL, LayerState, ModulaLinear
+from .request_router import RequestRouter, request_gate_weights
 from .targets import default_targets, find_targets
 
 __all__ = ["ModulaModel", "attach_modula", "mean_gate_per_expert", "STAGES"]
@@ -102,6 +103,13 @@ class ModulaModel(nn.Module):
                 ModulaLinear(base, cfg, domains, self._state, path, dtype=adapter_dtype),
             )
         self._layer_paths = paths
+        self.request_router: RequestRouter | None = None
+        hf_cfg = getattr(model, "config", None)
+        hidden = getattr(hf_cfg, "hidden_size", None)
+        n_layers = getattr(hf_cfg, "num_hidden_layers", None)
+        if cfg.variant in ("flan", "res") and isinstance(hidden, int) and isinstance(n_layers, int):
+            device = next(iter(model.parameters())).device
+            self.request_router = RequestRouter(hidden, n_layers, len(domains), device=device)
         self.set_stage(None)
 
     # ---- structure ---------------------------------------------------------------------
@@ -233,6 +241,8 @@ class ModulaModel(nn.Module):
             raise ValueError(f"domain {name!r} already exists")
         for lyr in self.modula_layers().values():
             lyr.add_expert(name)
+        if self.request_router is not None:
+            self.request_router.add_class()
         self._domains.append(name)
         self._sync()
 
@@ -244,6 +254,8 @@ class ModulaModel(nn.Module):
             raise ValueError("variant 'molora' needs at least one domain expert")
         for lyr in self.modula_layers().values():
             lyr.remove_expert(name)
+        if self.request_router is not None:
+            self.request_router.remove_class(1 + self._domains.index(name))
         self._domains.remove(name)
         if self._forced == name:
             self._forced = None
@@ -377,6 +389,45 @@ class ModulaModel(nn.Module):
         with self._call(expert_ids, expert_weights, expert_mask):
             return self.base_model.generate(*args, **kwargs)
 
+    # ---- request-level routing ---------------------------------------------------------
+
+    @property
+    def request_classes(self) -> list[str]:
+        """The request classifier's classes: ``universal`` (no domain expert), the domains."""
+        return ["universal", *self._domains]
+
+    def request_features(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """The classifier's input for each row: the frozen base model's mean-pooled hidden
+        states over the (prompt) tokens, adapters off. (batch, n_features), float32."""
+        rr = self._need_request_router(trained=False)
+        with torch.no_grad(), self.disable_adapters():
+            out = self.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                  output_hidden_states=True, use_cache=False)
+        return rr.pool(out.hidden_states, attention_mask)
+
+    def request_probs(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Class probabilities (batch, 1 + n_domains) over :attr:`request_classes`."""
+        rr = self._need_request_router()
+        with torch.no_grad():
+            return rr.probs(self.request_features(input_ids, attention_mask))
+
+    def request_weights(self, probs: Tensor, top_k: int | None = None) -> Tensor:
+        """``expert_weights`` rows for :meth:`forward` from class probabilities (see
+        :func:`~modula.model.request_router.request_gate_weights`); ``top_k`` defaults to the
+        config's ``router.request_top_k``."""
+        k = self.modula_config.router.request_top_k if top_k is None else top_k
+        return request_gate_weights(probs, self.variant, k)
+
+    def _need_request_router(self, trained: bool = True) -> RequestRouter:
+        rr = self.request_router
+        if rr is None:
+            raise ValueError(f"variant {self.variant!r} (or this base model) has no request "
+                             "router; request-level routing needs flan or res")
+        if trained and not rr.trained:
+            raise ValueError("the request router is not trained: train the router stage "
+                             "(it fits the classifier) or load a model published with one")
+        return rr
+
     @contextmanager
     def disable_adapters(self) -> Iterator[None]:
         """Run the bare base model (for comparisons against the base)."""
@@ -399,6 +450,18 @@ class ModulaModel(nn.Module):
             yield self
         finally:
             self._state.capture = None
+
+    @contextmanager
+    def collect_router_gates(self) -> Iterator[list[Tensor]]:
+        """The routed path's gates of every layer in this block, in call order, *with* their
+        graph (each (batch, seq, n_gates)): for a loss on the routers (router supervision)."""
+        gates: list[Tensor] = []
+        before = self._state.collect
+        self._state.collect = gates
+        try:
+            yield gates
+        finally:
+            self._state.collect = before
 
     def gate_weights(self) -> dict[str, Tensor]:
         """Per layer path: the gates (batch, seq, n_experts) of the captured forward(s), the

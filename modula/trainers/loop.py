@@ -15,8 +15,10 @@ from typing import Any
 
 from modula.basemodel import load_base_model
 from modula.config.schema import ModulaConfig
+from modula.data.encode import ROUTE_TARGETS
 from modula.infra.layout import expert_file
 from modula.model import attach_modula, load_expert, save_expert
+from modula.trainers.classifier import CLASSIFY_KEY, fit_classifier
 from modula.trainers.common import (
     EXPERTS_DIR,
     load_checkpoint,
@@ -24,7 +26,7 @@ from modula.trainers.common import (
     make_optimizer,
     save_checkpoint,
 )
-from modula.trainers.plan import StageRun
+from modula.trainers.plan import CLASSIFIER, StageRun
 
 __all__ = ["adapter_loop", "build_stage_model"]
 
@@ -162,6 +164,22 @@ def _validation_shards(config: dict[str, Any], run: StageRun, pins: dict[str, in
     return val_shards, val_per_domain, val_pins
 
 
+def route_supervision_loss(gates: list[Any], targets: Any) -> Any:
+    """Router supervision [ours]: the mean over layers of the cross-entropy between each
+    token's gates and the gate column of its example's domain (targets -100 are skipped)."""
+    import torch
+    import torch.nn.functional as F
+
+    if not gates:
+        raise ValueError("no router gates were collected: is the routed path running?")
+    targets = targets.to(gates[0].device)
+    if not bool((targets != -100).any()):
+        return gates[0].sum() * 0.0
+    losses = [F.nll_loss(torch.log(g.float().clamp_min(1e-9)).reshape(-1, g.shape[-1]),
+                         targets.reshape(-1), ignore_index=-100) for g in gates]
+    return torch.stack(losses).mean()
+
+
 def _report(metrics: dict[str, Any], model: Any, optimizer: Any, state: dict[str, Any],
             run: StageRun, rank: int, last: bool) -> None:
     """A checkpoint from rank 0 (the last one also holds the trained experts and the run's
@@ -179,7 +197,9 @@ def _report(metrics: dict[str, Any], model: Any, optimizer: Any, state: dict[str
             (Path(d) / "cost.json").write_text(json.dumps({
                 "trainable_parameters": state["trainable_parameters"], "tokens": state["tokens"],
                 "loop_seconds": state["loop_seconds"], "world_size": state["world_size"],
-                "steps": state["step"], "final_loss": state["loss"], "resumed": state["resumed"]}))
+                "steps": state["step"], "final_loss": state["loss"], "resumed": state["resumed"],
+                **({"classifier_accuracy": state["classifier_accuracy"]}
+                   if "classifier_accuracy" in state else {})}))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
@@ -220,6 +240,7 @@ def adapter_loop(config: dict[str, Any]) -> None:
                        per_worker, stage.seed * 7919 + rank * 101 + state["step"])
              for s in streams}
     val_shards, val_per_domain, val_pins = _validation_shards(config, run, pins)
+    supervise = run.stage == "router" and stage.route_supervision > 0
     board = config.get("board")
     pad_id = int(config.get("pad_id", 0))
 
@@ -236,8 +257,15 @@ def adapter_loop(config: dict[str, Any]) -> None:
         losses = []
         for s in streams:
             batch = next(iters[s])
-            out = ddp(**_model_inputs(batch, pins[s]), use_cache=False)
-            (out.loss / len(streams)).backward()
+            if supervise:
+                with model.collect_router_gates() as gates:
+                    out = ddp(**_model_inputs(batch, pins[s]), use_cache=False)
+                loss = out.loss + stage.route_supervision * route_supervision_loss(
+                    gates, batch[ROUTE_TARGETS])
+            else:
+                out = ddp(**_model_inputs(batch, pins[s]), use_cache=False)
+                loss = out.loss
+            (loss / len(streams)).backward()
             losses.append(float(out.loss.detach()))
             tokens_since += int((batch["input_ids"] != pad_id).sum())
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -261,6 +289,14 @@ def adapter_loop(config: dict[str, Any]) -> None:
             if val_shards or val_per_domain:
                 metrics.update(_validation_metrics(model, val_shards, val_pins, per_worker,
                                                    val_per_domain, world))
+            if last and CLASSIFIER in run.trains:
+                fit = fit_classifier(model, ray.train.get_dataset_shard(CLASSIFY_KEY), stage,
+                                     world)
+                state["classifier_accuracy"] = fit["accuracy"]
+                state["trainable_parameters"] += sum(
+                    p.numel() for p in model.request_router.head.parameters())
+            if "classifier_accuracy" in state:
+                metrics["classifier_accuracy"] = state["classifier_accuracy"]
             _report(metrics, model, optimizer, state, run, rank, last)
     if dist.is_initialized():
         dist.barrier()

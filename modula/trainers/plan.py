@@ -24,6 +24,8 @@ from modula.trainers.common import PlanError
 
 __all__ = ["STAGE_CHOICES", "StageRun", "plan_stage", "stage_runs"]
 
+# the request router: trained by the router stage of a MoDULA variant, with the routers
+CLASSIFIER = "classifier"
 STAGE_CHOICES = ("universal", "domains", "router", "all", "lora", "molora")
 
 
@@ -116,7 +118,7 @@ def stage_runs(cfg: ModulaConfig, stage: str, domains: list[str] | None = None,
     if stage == "router":
         section = cfg.stages.router
         run = StageRun(stage="router", section="router", variant=variant, domains=all_domains,
-                       trains=("routers",), data=("general", *all_domains),
+                       trains=("routers", CLASSIFIER), data=("general", *all_domains),
                        inputs=("universal", *all_domains))
         return [_named(cfg, run, mname)]
     raise PlanError(f"unknown stage {stage!r} (allowed: {', '.join(STAGE_CHOICES)})")

@@ -32,9 +32,10 @@ from modula.infra.layout import TRAIN_RUNS, expert_file, published_name, workspa
 from modula.infra.registry import ExpertSpec, Registry
 from modula.infra.storage import Storage
 from modula.model import attach_modula, load_expert, save_experts
+from modula.trainers.classifier import CLASSIFY_KEY, classifier_dataset
 from modula.trainers.common import EXPERTS_DIR, PlanError, StageError
 from modula.trainers.loop import adapter_loop
-from modula.trainers.plan import StageRun, plan_stage, stage_runs
+from modula.trainers.plan import CLASSIFIER, StageRun, plan_stage, stage_runs
 from modula.trainers.progress import FitJob, ProgressBoard, fit_many_with_progress
 
 __all__ = ["RunCost", "add_domain", "publish", "run_datasets", "run_stage", "train"]
@@ -76,8 +77,12 @@ def _run_datasets(cfg: ModulaConfig, run: StageRun, storage: Storage, tok_dir: P
     section = cfg.stages.get(run.section)
     max_len = section.max_length or cfg.model.max_length
 
-    def tok(ds: Any) -> Any:
-        return tokenized_dataset(ds, tok_dir, max_len)
+    route_columns = None
+    if run.stage == "router" and section.route_supervision > 0:
+        route_columns = route_targets(run.variant, list(run.domains))
+
+    def tok(ds: Any, routes: dict[str, int] | None = None) -> Any:
+        return tokenized_dataset(ds, tok_dir, max_len, route_columns=routes)
 
     out: dict[str, Any] = {}
     if run.pinned:
@@ -98,13 +103,28 @@ def _run_datasets(cfg: ModulaConfig, run: StageRun, storage: Storage, tok_dir: P
         train = mix.random_shuffle(seed=section.seed)
     else:
         train = read_dataset(storage, list(run.data), "train").random_shuffle(seed=section.seed)
-    out["train"] = tok(train).materialize()
+    out["train"] = tok(train, route_columns).materialize()
+    if CLASSIFIER in run.trains:
+        out[CLASSIFY_KEY] = classifier_dataset(
+            cfg, storage, load_tokenizer(tok_dir), [d for d in run.domains], section).materialize()
     if validate:
         # one validation set per domain: the loop reports each domain's loss and their
         # average (the paper's checkpoint selection rule), which ranks sweep trials
         val_domains = [d for d in run.data if d != "general"] or list(run.data)
         for d in val_domains:
             out[f"val_{d}"] = tok(read_dataset(storage, d, "validation")).materialize()
+    return out
+
+
+def route_targets(variant: str, domains: list[str]) -> dict[str, int]:
+    """Router supervision's target gate column per domain: Flan's columns are
+    ``[universal, *domains]`` and general text targets the universal expert; Res's are the
+    domains, and general text has no target (its softmax cannot say "no domain expert";
+    request-level routing can)."""
+    offset = 1 if variant == "flan" else 0
+    out = {d: i + offset for i, d in enumerate(domains)}
+    if variant == "flan":
+        out["general"] = 0
     return out
 
 
@@ -308,6 +328,8 @@ def publish(cfg: ModulaConfig, storage: Storage | None = None, name: str | None 
         storage.download_dir(work_key, src)
         names = (["universal"] if variant != "molora" else []) + list(domain_list) + (
             ["routers"] if variant != "lora" else [])
+        if variant in ("flan", "res") and storage.exists(f"{work_key}/{expert_file(CLASSIFIER)}"):
+            names.append(CLASSIFIER)  # the request router (router stage), when trained
         for n in names:
             f = src / expert_file(n)
             if not f.is_file():
@@ -321,7 +343,7 @@ def publish(cfg: ModulaConfig, storage: Storage | None = None, name: str | None 
             trained = [c for c in all_costs.values() if e["name"] in c.get("trains", [])]
             last = trained[-1] if trained else {}
             specs[e["name"]] = ExpertSpec(
-                file=e["file"], kind="router" if e["name"] == "routers" else None,
+                file=e["file"], kind={"routers": "router", CLASSIFIER: CLASSIFIER}.get(e["name"]),
                 training={k: last.get(k) for k in ("run", "stage", "steps", "tokens",
                                                    "trainable_parameters", "worker_seconds")
                           if k in last},
@@ -399,7 +421,7 @@ def add_domain(cfg: ModulaConfig, domain: str, data: str | None = None,
     with tempfile.TemporaryDirectory(prefix="modula-add-") as tmp:
         local = registry.fetch(rname, latest.version, Path(tmp) / "latest")
         for n, e in local.manifest.experts.items():
-            if n != "routers":
+            if n not in ("routers", CLASSIFIER):  # both retrain with the new domain
                 storage.upload_file(local.path / e.file, f"{work_key}/{expert_file(n)}")
     costs: list[RunCost] = []
     (expert_run,) = stage_runs(cfg, "domains", domains=[domain], name=name)
