@@ -100,21 +100,27 @@ def _sharpen(model: Any) -> None:
 DOMAINS = ["code", "math", "units"]
 
 
-def serving_config(root: str | Path, base_dir: str | Path, **serve: Any):
-    """A validated config serving `base_dir` with experts from the registry under `root`."""
+def serving_config(root: str | Path, base_dir: str | Path, *, variant: str = "res",
+                   stages: dict[str, Any] | None = None, splits: dict[str, int] | None = None,
+                   **serve: Any):
+    """A validated config serving `base_dir` with experts from the registry under `root`
+    (`stages`, `splits`: the training stages' settings and every domain's split sizes, for
+    tests that train)."""
     from modula.config import config_from_dict
 
     raw = {
         "storage": {"root": str(root)},
+        "cluster": {"dashboard": False},
         "model": {"base": str(base_dir), "max_length": 256},
-        "modula": {"variant": "res", "universal_rank": 8, "domain_rank": 4},
-        "domains": [
+        "modula": {"variant": variant, "universal_rank": 8, "domain_rank": 4},
+        **({"stages": stages} if stages else {}),
+        "domains": [{**d, **({"splits": splits} if splits else {})} for d in (
             {"name": "general", "metric": "perplexity"},
             {"name": "code", "metric": "perplexity"},
             {"name": "math"},
             {"name": "units"},
             {"name": "headlines", "metric": "accuracy", "reserved": True},
-        ],
+        )],
         "serve": {
             "max_prompt_tokens": 96,
             "max_tokens_limit": 48,
