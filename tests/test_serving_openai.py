@@ -218,21 +218,21 @@ def test_completion_logprobs_streaming_and_not(client, service):
 
 def test_batches_n_and_sampling_extensions(client, service):
     r = client.completions.create(model="modula", prompt=["The quick", "Class", "x"],
-                                  max_tokens=4, temperature=0.9, seed=5, n=2, top_k=20,
-                                  extra_body={"min_p": 0.05, "repetition_penalty": 1.1,
+                                  max_tokens=4, temperature=0.9, seed=5, n=2,
+                                  extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1,
                                               "min_tokens": 2, "ignore_eos": True,
                                               "stop_token_ids": [2]})
     assert [c.index for c in r.choices] == list(range(6))
     assert all(c.finish_reason == "length" for c in r.choices)
     again = client.completions.create(model="modula", prompt=["The quick", "Class", "x"],
-                                      max_tokens=4, temperature=0.9, seed=5, n=2, top_k=20,
-                                      extra_body={"min_p": 0.05, "repetition_penalty": 1.1,
+                                      max_tokens=4, temperature=0.9, seed=5, n=2,
+                                      extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1,
                                                   "min_tokens": 2, "ignore_eos": True,
                                                   "stop_token_ids": [2]})
     assert [c.text for c in again.choices] == [c.text for c in r.choices]  # seeded
     single = client.completions.create(model="modula", prompt="Class", max_tokens=4,
-                                       temperature=0.9, seed=5, top_k=20,
-                                       extra_body={"min_p": 0.05, "repetition_penalty": 1.1,
+                                       temperature=0.9, seed=5,
+                                       extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1,
                                                    "min_tokens": 2, "ignore_eos": True,
                                                    "stop_token_ids": [2]})
     assert single.choices[0].text == r.choices[2].text  # choice j of a prompt: seed + j
@@ -391,8 +391,9 @@ def test_lm_eval_harness_runs_against_the_endpoint(service, tmp_path):
            "HF_DATASETS_CACHE": str(tmp_path / "hf-datasets"), "HF_HOME": str(tmp_path / "hf")}
     args = [sys.executable, "-m", "lm_eval", "--model", "local-completions",
             "--model_args", f"model=modula,base_url={service.url}/v1/completions,"
-                            f"auth_token={KEY},batch_size=3,max_gen_toks=8,max_length=96,"
+                            f"auth_token={KEY},max_gen_toks=8,max_length=96,"
                             "num_concurrent=1,max_retries=1",
+            "--batch_size", "3",
             "--tasks", "modula_mc,modula_gen", "--include_path", str(tasks),
             "--output_path", str(out), "--log_samples"]
     proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=500)

@@ -902,7 +902,7 @@ class Ingress:
                 self.c = c
                 self.context = list(c.gen.prompt_ids)  # tokens before the next reported one
                 self.sent = 0  # logprob entries sent
-                self.offset = 0  # characters of text sent (echo included)
+                self.offset = 0  # text offset of the next token (summed token texts)
                 self.started = False
 
         def logprobs_of(st: _State, entries: Sequence[Any]) -> dict[str, Any] | None:
@@ -913,6 +913,7 @@ class Ingress:
                 lp = chat_logprobs(texts, entries, st.context)
             else:
                 lp = completion_logprobs(texts, entries, ids, st.context, st.offset)
+                st.offset = lp["text_offset"][-1] + len(lp["tokens"][-1])
             st.context += ids
             st.sent += len(entries)
             return lp
@@ -933,7 +934,7 @@ class Ingress:
                     c.gen.prompt_ids)
                 lp = completion_logprobs(texts, entries, c.gen.prompt_ids)
                 st.context = list(c.gen.prompt_ids)
-            st.offset = len(c.echo)
+                st.offset = lp["text_offset"][-1] + len(lp["tokens"][-1])
             return [chunk(c, c.echo, lp=lp)]
 
         def on_item(st: _State, item: dict[str, Any]) -> tuple[list[bytes], Any]:
@@ -945,7 +946,6 @@ class Ingress:
             lp = logprobs_of(st, entries) if entries else None
             if text or lp:
                 out.append(chunk(st.c, text, lp=lp))
-                st.offset += len(text)
             if res is not None:
                 ext = res.extension()
                 if not many and req.ignored_fields:

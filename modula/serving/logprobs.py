@@ -55,7 +55,9 @@ def completion_logprobs(texts: TokenTexts, entries: Sequence[TokenLogprob | None
             out["top_logprobs"].append(None)
         else:
             _, lp, top = entry
-            alts = {texts.piece(context, t): v for t, v in top}
+            alts: dict[str, float] = {}
+            for t, v in top:  # best first: two ids with one text keep the better value
+                alts.setdefault(texts.piece(context, t), v)
             alts.setdefault(piece, lp)  # the chosen token is always there (up to k + 1)
             out["token_logprobs"].append(lp)
             out["top_logprobs"].append(alts)
