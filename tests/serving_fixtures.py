@@ -236,6 +236,23 @@ def shared_base_dir(tmp_path_factory: Any) -> Path:
     return _BASE["dir"]
 
 
+def deploy_published(cfg: Any, app: str, headers: dict[str, str] | None = None, seed: int = 0
+                     ) -> tuple[str, int, Any]:
+    """Publish a random MoDULA model for `cfg` (the DOMAINS), run the serving graph as the
+    application `app` on the session's Serve and wait until it answers; returns (url,
+    version, the in-process model)."""
+    from ray import serve
+
+    from modula.serving.app import build_graph
+
+    version, model = publish_model(cfg, DOMAINS, seed=seed)
+    port = ensure_serve()
+    serve.run(build_graph(cfg), name=app, route_prefix=f"/{app}", blocking=False)
+    url = f"http://127.0.0.1:{port}/{app}"
+    wait_ready(url, headers)
+    return url, version, model
+
+
 def wait_ready(url: str, headers: dict[str, str] | None = None, timeout: float = 120.0) -> None:
     import time
 

@@ -49,8 +49,9 @@ def base(tmp_path_factory):
     return path, model, tok
 
 
-@pytest.fixture(scope="module")
-def modula(base):
+def attached(base, variant: str, seed: int):
+    """The base model (loaded afresh) with random MoDULA experts of `variant`, and the
+    tokenizer."""
     from transformers import AutoModelForCausalLM
 
     from modula.config import ModulaLayerConfig
@@ -58,11 +59,16 @@ def modula(base):
 
     path, _, tok = base
     hf = AutoModelForCausalLM.from_pretrained(str(path))
-    mm = attach_modula(hf, ModulaLayerConfig(variant="res", universal_rank=8, domain_rank=4),
+    mm = attach_modula(hf, ModulaLayerConfig(variant=variant, universal_rank=8, domain_rank=4),
                        ["code", "math", "units"])
-    randomize_experts(mm, seed=3)
+    randomize_experts(mm, seed=seed)
     mm.eval()
     return mm, tok
+
+
+@pytest.fixture(scope="module")
+def modula(base):
+    return attached(base, "res", 3)
 
 
 def greedy(n: int, **kw) -> SamplingParams:
@@ -502,18 +508,7 @@ def test_tracker_holds_back_a_possible_stop_and_releases_it(base):
 
 @pytest.fixture(scope="module")
 def flan(base):
-    from transformers import AutoModelForCausalLM
-
-    from modula.config import ModulaLayerConfig
-    from modula.model import attach_modula
-
-    path, _, tok = base
-    hf = AutoModelForCausalLM.from_pretrained(str(path))
-    mm = attach_modula(hf, ModulaLayerConfig(variant="flan", universal_rank=8, domain_rank=4),
-                       ["code", "math", "units"])
-    randomize_experts(mm, seed=5)
-    mm.eval()
-    return mm, tok
+    return attached(base, "flan", 5)
 
 
 def direct_logprobs(mm, ids: list[int], **routing) -> torch.Tensor:

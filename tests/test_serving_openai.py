@@ -27,12 +27,10 @@ import pytest
 import torch
 from serving_fixtures import (
     DOMAINS,
-    ensure_serve,
-    publish_model,
+    deploy_published,
     release_serve,
     serving_config,
     shared_base_dir,
-    wait_ready,
 )
 
 pytestmark = pytest.mark.integration
@@ -55,10 +53,7 @@ class Service:
 
 @pytest.fixture(scope="module")
 def service(ray_local, tmp_path_factory):
-    from ray import serve
-
     from modula.data.tokenizer import load_tokenizer
-    from modula.serving.app import build_graph
 
     base = shared_base_dir(tmp_path_factory)
     root = tmp_path_factory.mktemp("openai-root")
@@ -69,12 +64,8 @@ def service(ray_local, tmp_path_factory):
                          app_name=APP, route_prefix=f"/{APP}", api_keys=[KEY],
                          max_n=4, max_batch_prompts=8, max_logprobs=5, max_stop_sequences=16,
                          gate_report="prompt")
-    version, model = publish_model(cfg, DOMAINS, seed=2)
+    url, version, model = deploy_published(cfg, APP, AUTH, seed=2)
     model.eval()
-    port = ensure_serve()
-    serve.run(build_graph(cfg), name=APP, route_prefix=f"/{APP}", blocking=False)
-    url = f"http://127.0.0.1:{port}/{APP}"
-    wait_ready(url, AUTH)
     yield Service(url, cfg, model, version, load_tokenizer(base), base)
     release_serve(APP)
 
