@@ -37,6 +37,7 @@ COMMANDS: dict[str, str] = {
     "eval": "modula.eval.commands",
     "report": "modula.eval.commands",
     "registry": "modula.infra.commands",
+    "export": "modula.model.commands",
     "submit": "modula.cluster.commands",
     "serve": "modula.serving.commands",
     "demo": "modula.demo",

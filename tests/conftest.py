@@ -54,6 +54,7 @@ def ray_local():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # our own Ray, even when another one runs on this machine
             num_cpus=4,
             num_gpus=0,
             include_dashboard=False,

@@ -100,21 +100,27 @@ def _sharpen(model: Any) -> None:
 DOMAINS = ["code", "math", "units"]
 
 
-def serving_config(root: str | Path, base_dir: str | Path, **serve: Any):
-    """A validated config serving `base_dir` with experts from the registry under `root`."""
+def serving_config(root: str | Path, base_dir: str | Path, *, variant: str = "res",
+                   stages: dict[str, Any] | None = None, splits: dict[str, int] | None = None,
+                   **serve: Any):
+    """A validated config serving `base_dir` with experts from the registry under `root`
+    (`stages`, `splits`: the training stages' settings and every domain's split sizes, for
+    tests that train)."""
     from modula.config import config_from_dict
 
     raw = {
         "storage": {"root": str(root)},
+        "cluster": {"dashboard": False},
         "model": {"base": str(base_dir), "max_length": 256},
-        "modula": {"variant": "res", "universal_rank": 8, "domain_rank": 4},
-        "domains": [
+        "modula": {"variant": variant, "universal_rank": 8, "domain_rank": 4},
+        **({"stages": stages} if stages else {}),
+        "domains": [{**d, **({"splits": splits} if splits else {})} for d in (
             {"name": "general", "metric": "perplexity"},
             {"name": "code", "metric": "perplexity"},
             {"name": "math"},
             {"name": "units"},
             {"name": "headlines", "metric": "accuracy", "reserved": True},
-        ],
+        )],
         "serve": {
             "max_prompt_tokens": 96,
             "max_tokens_limit": 48,
@@ -228,6 +234,23 @@ def shared_base_dir(tmp_path_factory: Any) -> Path:
         make_base_model(path)
         _BASE["dir"] = path
     return _BASE["dir"]
+
+
+def deploy_published(cfg: Any, app: str, headers: dict[str, str] | None = None, seed: int = 0
+                     ) -> tuple[str, int, Any]:
+    """Publish a random MoDULA model for `cfg` (the DOMAINS), run the serving graph as the
+    application `app` on the session's Serve and wait until it answers; returns (url,
+    version, the in-process model)."""
+    from ray import serve
+
+    from modula.serving.app import build_graph
+
+    version, model = publish_model(cfg, DOMAINS, seed=seed)
+    port = ensure_serve()
+    serve.run(build_graph(cfg), name=app, route_prefix=f"/{app}", blocking=False)
+    url = f"http://127.0.0.1:{port}/{app}"
+    wait_ready(url, headers)
+    return url, version, model
 
 
 def wait_ready(url: str, headers: dict[str, str] | None = None, timeout: float = 120.0) -> None:

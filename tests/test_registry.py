@@ -332,3 +332,38 @@ def test_registry_cli_list_and_show(tmp_path, monkeypatch):
     assert "Traceback" not in res.output
     res = runner.invoke(app, ["registry", "list", "--set", f"storage.root={tmp_path / 'empty'}"])
     assert res.exit_code == 0 and "no models" in res.output
+
+
+def test_registry_pull_is_a_checked_copy(tmp_path):
+    """``modula registry pull MODEL [--version V] DIR``: every file of the version, each
+    sha256 checked; a corrupt blob or a foreign folder is an error, not a copy."""
+    from modula.cli import app
+
+    root = tmp_path / "store"
+    reg = Registry(Storage(StorageConfig(root=str(root))))
+    v1 = reg.publish("tiny", expert_dir(tmp_path / "e1", {"universal": b"u1", "math": b"m1"}),
+                     metadata=META)
+    reg.publish("tiny", expert_dir(tmp_path / "e2", {"universal": b"u1", "math": b"m2"}),
+                metadata=META)
+    runner = CliRunner()
+    sets = ["--set", f"storage.root={root}"]
+    out = tmp_path / "pulled"
+    res = runner.invoke(app, ["registry", "pull", "tiny", str(out), "--version", "1", *sets])
+    assert res.exit_code == 0, res.output
+    assert (out / "math.safetensors").read_bytes() == b"m1"
+    assert LocalModel.open(out).version == v1.version
+    assert "sha256 verified" in res.output
+    res = runner.invoke(app, ["registry", "pull", "tiny", str(out), *sets])  # latest, same dir
+    assert res.exit_code == 0 and (out / "math.safetensors").read_bytes() == b"m2"
+    # a corrupt blob: the pull fails naming the file, nothing half-copied is taken as done
+    (root / "registry" / "tiny" / "blobs" / sha(b"m2")).write_bytes(b"tampered")
+    res = runner.invoke(app, ["registry", "pull", "tiny", str(tmp_path / "bad"), *sets])
+    assert res.exit_code == 1 and "corrupt" in res.output and "Traceback" not in res.output
+    with pytest.raises(RegistryError, match="did not finish"):
+        LocalModel.open(tmp_path / "bad")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    res = runner.invoke(app, ["registry", "pull", "tiny", str(foreign), "--version", "1", *sets])
+    assert res.exit_code == 1 and "not empty" in res.output
+    assert (foreign / "notes.txt").read_text() == "mine"

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from serving_fixtures import (
     DOMAINS,
-    ensure_serve,
+    deploy_published,
     kill_replica,
     publish_model,
     release_serve,
@@ -27,7 +27,6 @@ from serving_fixtures import (
     serve_replicas,
     serving_config,
     shared_base_dir,
-    wait_ready,
 )
 
 pytestmark = pytest.mark.integration
@@ -47,19 +46,11 @@ class Service:
 
 @pytest.fixture(scope="module")
 def service(ray_local, tmp_path_factory):
-    from ray import serve
-
-    from modula.serving.app import build_graph
-
     base = shared_base_dir(tmp_path_factory)
     root = tmp_path_factory.mktemp("serving-root")
     cfg = serving_config(root, base, app_name=APP, route_prefix=f"/{APP}", api_keys=[KEY],
                          autoscaling={"min_replicas": 2, "max_replicas": 2})
-    version, model = publish_model(cfg, DOMAINS, seed=0)
-    port = ensure_serve()
-    serve.run(build_graph(cfg), name=APP, route_prefix=f"/{APP}", blocking=False)
-    url = f"http://127.0.0.1:{port}/{APP}"
-    wait_ready(url, AUTH)
+    url, version, model = deploy_published(cfg, APP, AUTH, seed=0)
     yield Service(url=url, cfg=cfg, model=model, version=version)
     release_serve(APP)
 
@@ -205,7 +196,9 @@ def error_of(r: httpx.Response, status: int) -> dict[str, Any]:
      "invalid_value"),
     ("/v1/chat/completions", {"model": "modula", "messages": [{"role": "user", "content": "x"}],
                               "max_completion_tokens": -3}, 400, "invalid_value"),
-    ("/v1/completions", {"model": "modula", "prompt": "x", "n": 3}, 400, "unsupported_value"),
+    ("/v1/completions", {"model": "modula", "prompt": "x", "n": 100}, 400, "invalid_value"),
+    ("/v1/completions", {"model": "modula", "prompt": "x", "logprobs": 21}, 400,
+     "invalid_value"),
     ("/v1/completions", {"model": "gpt-4o", "prompt": "x"}, 404, "model_not_found"),
     ("/v1/completions", {"model": "modula:finance", "prompt": "x"}, 404, "model_not_found"),
     ("/v1/chat/completions", {"model": "modula:finance", "stream": True,

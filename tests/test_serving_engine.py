@@ -49,8 +49,9 @@ def base(tmp_path_factory):
     return path, model, tok
 
 
-@pytest.fixture(scope="module")
-def modula(base):
+def attached(base, variant: str, seed: int):
+    """The base model (loaded afresh) with random MoDULA experts of `variant`, and the
+    tokenizer."""
     from transformers import AutoModelForCausalLM
 
     from modula.config import ModulaLayerConfig
@@ -58,11 +59,16 @@ def modula(base):
 
     path, _, tok = base
     hf = AutoModelForCausalLM.from_pretrained(str(path))
-    mm = attach_modula(hf, ModulaLayerConfig(variant="res", universal_rank=8, domain_rank=4),
+    mm = attach_modula(hf, ModulaLayerConfig(variant=variant, universal_rank=8, domain_rank=4),
                        ["code", "math", "units"])
-    randomize_experts(mm, seed=3)
+    randomize_experts(mm, seed=seed)
     mm.eval()
     return mm, tok
+
+
+@pytest.fixture(scope="module")
+def modula(base):
+    return attached(base, "res", 3)
 
 
 def greedy(n: int, **kw) -> SamplingParams:
@@ -495,3 +501,169 @@ def test_tracker_holds_back_a_possible_stop_and_releases_it(base):
     out = "".join(tr.add(t) for t in ids)
     assert tr.stopped and out == tr.text == "alpha EN"
     assert tr.finish() == ""
+
+
+# ------------------------------------------------------------------------------ logprobs
+
+
+@pytest.fixture(scope="module")
+def flan(base):
+    return attached(base, "flan", 5)
+
+
+def direct_logprobs(mm, ids: list[int], **routing) -> torch.Tensor:
+    """log-softmax of one forward of the MoDULA model over `ids` (1 row), float32."""
+    with torch.inference_mode():
+        out = mm(input_ids=torch.tensor([ids]), **routing)
+    return torch.log_softmax(out.logits[0].float(), -1)
+
+
+@pytest.mark.parametrize("variant", ["res", "flan"])
+def test_logprobs_equal_a_direct_forward(modula, flan, variant):
+    """Routed, pinned, fixed-weight and restricted rows share one batch; every prompt and
+    generated token's log probability (and the top alternatives) equals a plain forward of
+    the same model over prompt + generated tokens, with the same routing, within 1e-4."""
+    from modula.serving.engine import RowRouting
+    from modula.serving.modeling import modula_adapter
+    from modula.serving.protocol import Routing
+
+    mm, tok = modula if variant == "res" else flan
+    adapter = modula_adapter(mm)
+    cols = adapter.gate_names
+    weights = {"math": 0.7, "units": 0.3} if variant == "res" else {"universal": 0.5,
+                                                                    "code": 0.5}
+    cases = [
+        (PROMPTS[0], Routing(), {}),
+        (PROMPTS[1], Routing(domain="code"), {"expert_ids": [0]}),
+        (PROMPTS[3], Routing(weights=tuple(weights.items())),
+         {"expert_weights": torch.tensor([[weights.get(c, 0.0) for c in cols]])}),
+        (PROMPTS[4], Routing(allowed=("math", "units")),
+         {"expert_mask": torch.tensor([[c in ("math", "units") for c in cols]])}),
+        (PROMPTS[2], Routing(), {}),
+    ]
+    core = EngineCore(adapter, tok, max_running=8)
+    rec = Recorder()
+    for i, (p, routing, _) in enumerate(cases):
+        params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=3,
+                                prompt_logprobs=3 if i % 2 == 0 else None)
+        req = GenerationRequest(f"r{i}", tuple(tok(p)["input_ids"]), params, routing.domain,
+                                routing=None if routing.domain else routing)
+        core.add(req, adapter.row_routing(req.route()), rec.sink(f"r{i}"))
+    run_until_idle(core)
+    assert isinstance(adapter.row_routing(Routing(allowed=("math",))), RowRouting)
+    for i, (p, routing, kw) in enumerate(cases):
+        res = rec.result(f"r{i}")
+        prompt = list(tok(p)["input_ids"])
+        full = prompt + res.token_ids
+        ref = direct_logprobs(mm, full, **kw)
+        assert len(res.logprobs) == 5
+        for j, (t, lp, top) in enumerate(res.logprobs):
+            pos = len(prompt) - 1 + j
+            assert t == full[pos + 1]
+            assert lp == pytest.approx(float(ref[pos, t]), abs=1e-4), (i, j)
+            vals, idx = ref[pos].topk(3)
+            assert [a for a, _ in top] == idx.tolist()
+            assert [v for _, v in top] == pytest.approx(vals.tolist(), abs=1e-4)
+            assert t == top[0][0]  # greedy: the chosen token is the best one
+        if i % 2 == 0:
+            plp = res.prompt_logprobs
+            assert plp[0] is None and len(plp) == len(prompt)
+            for j in range(1, len(prompt)):
+                t, lp, top = plp[j]
+                assert t == prompt[j]
+                assert lp == pytest.approx(float(ref[j - 1, t]), abs=1e-4), (i, j)
+                assert [a for a, _ in top] == ref[j - 1].topk(3).indices.tolist()
+        else:
+            assert res.prompt_logprobs is None
+        assert res.info["routing"]["mode"] == routing.mode
+    w = rec.result("r2")
+    assert w.gates == pytest.approx({c: weights.get(c, 0.0) for c in cols}, abs=1e-5)
+    assert w.info["routing"]["weights"] == pytest.approx(weights)
+    assert rec.result("r3").gates[cols[0]] == pytest.approx(0.0, abs=1e-6) or variant == "res"
+
+
+def test_echo_with_max_tokens_zero_scores_the_prompt_alone(base):
+    _, model, tok = base
+    core = EngineCore(ModelAdapter(model), tok)
+    rec = Recorder()
+    ids = tuple(tok(PROMPTS[3])["input_ids"])
+    core.add(GenerationRequest("e", ids, SamplingParams(max_tokens=0, logprobs=2,
+                                                        prompt_logprobs=2)), -1, rec.sink("e"))
+    core.add(request(tok, 1, PROMPTS[0], greedy(3)), -1, rec.sink("r1"))
+    run_until_idle(core)
+    res = rec.result("e")
+    assert res.token_ids == [] and res.completion_tokens == 0 and res.finish_reason == "length"
+    assert res.logprobs == [] and len(res.prompt_logprobs) == len(ids)
+    with torch.inference_mode():
+        ref = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+    assert [e[1] for e in res.prompt_logprobs[1:]] == pytest.approx(
+        [float(ref[j - 1, ids[j]]) for j in range(1, len(ids))], abs=1e-4)
+    assert rec.result("r1").token_ids == solo_generate(model, tok, PROMPTS[0], 3)
+
+
+def test_min_tokens_stop_token_ids_and_logprobs_of_the_last_token(base):
+    """A stop token id ends the row (its log probability is reported, its text is not);
+    min_tokens bans eos and stop ids until enough tokens are out."""
+    _, model, tok = base
+    tokens = solo_generate(model, tok, PROMPTS[1], 8)
+    stop_id = tokens[2]
+    first = tokens.index(stop_id)
+    core = EngineCore(ModelAdapter(model), tok)
+    rec = Recorder()
+    core.add(request(tok, 0, PROMPTS[1], SamplingParams(
+        max_tokens=8, temperature=0.0, stop_token_ids=(stop_id,), logprobs=0)), -1,
+        rec.sink("a"))
+    core.add(request(tok, 1, PROMPTS[1], SamplingParams(
+        max_tokens=8, temperature=0.0, stop_token_ids=(stop_id,), min_tokens=first + 2)), -1,
+        rec.sink("b"))
+    run_until_idle(core)
+    a = rec.result("a")
+    assert a.finish_reason == "stop" and a.token_ids == tokens[:first]
+    assert [e[0] for e in a.logprobs] == tokens[:first + 1]  # the stop token's is reported
+    b = rec.result("b")
+    assert len(b.token_ids) >= first + 2 and stop_id not in b.token_ids[:first + 2]
+
+
+def test_sampling_extensions():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.5, -1.0]] * 2)
+    gens = [make_generator(0), make_generator(0)]
+    # top_k 1 and min_p close to 1 both leave only the best token, whatever the temperature
+    for kw in ({"top_k": 1}, {"min_p": 0.99}):
+        p = SamplingParams(temperature=2.0, **kw)
+        assert {sample_next(logits, [p, p], gens, [[], []])[0] for _ in range(20)} == {0}
+    logits = logits[:1]
+    # repetition penalty divides a positive logit of a seen token (prompt or generated)
+    p = SamplingParams(temperature=0.0, repetition_penalty=2.0)
+    assert sample_next(logits, [p], [None], [[]], prompts=[[0]]) == [1]
+    assert sample_next(logits, [p], [None], [[]], prompts=[[4]]) == [0]
+    # banned tokens (before min_tokens) and logit bias
+    g = SamplingParams(temperature=0.0)
+    assert sample_next(logits, [g], [None], [[]], banned=[(0, 1)]) == [2]
+    b = SamplingParams(temperature=0.0, logit_bias=((4, 10.0),))
+    assert sample_next(logits, [b], [None], [[]]) == [4]
+
+
+def test_many_stop_sequences(base):
+    _, model, tok = base
+    ref = tok.decode(solo_generate(model, tok, PROMPTS[1], 30), skip_special_tokens=True)
+    stop = ref[len(ref) // 2: len(ref) // 2 + 3]
+    stops = tuple(f"never-{i}" for i in range(15)) + (stop,)
+    core = EngineCore(ModelAdapter(model), tok)
+    rec = Recorder()
+    core.add(request(tok, 0, PROMPTS[1], greedy(30, stop=stops)), -1, rec.sink("r0"))
+    run_until_idle(core)
+    assert rec.result("r0").text == ref[:ref.index(stop)]
+
+
+def test_row_routing_refusals(modula):
+    from modula.serving.modeling import modula_adapter
+    from modula.serving.protocol import Routing
+
+    adapter = modula_adapter(modula[0])
+    with pytest.raises(KeyError):
+        adapter.row_routing(Routing(weights=(("finance", 1.0),)))
+    with pytest.raises(ValueError, match="always on"):  # Res: the universal expert is not gated
+        adapter.row_routing(Routing(allowed=("universal",)))
+    base_only = ModelAdapter(modula[0].base_model)
+    with pytest.raises(ValueError, match="no expert weights"):
+        base_only.row_routing(Routing(weights=(("math", 1.0),)))

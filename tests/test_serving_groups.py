@@ -87,6 +87,26 @@ def test_pinned_requests_go_to_the_group_of_their_domain(grouped):
         assert ext["deployment"] == dep and ext["gates"][domain] == pytest.approx(1.0)
 
 
+def test_per_request_weights_go_to_the_group_of_their_experts(grouped):
+    """The ``modula`` field's experts decide the group; zero weights need none; experts of two
+    groups are a 400, an unknown one a 404."""
+    ext = complete(grouped["url"], "modula", "Convert 5 miles",
+                   modula={"weights": {"code": 1, "math": 3, "units": 0}})["modula"]
+    assert ext["deployment"] == "Experts0"
+    assert ext["gates"] == pytest.approx({"code": 0.25, "math": 0.75}, abs=1e-5)
+    assert ext["routing"] == {"mode": "weights", "weights": {"code": 0.25, "math": 0.75}}
+    ext = complete(grouped["url"], "modula", "Convert 5 miles",
+                   modula={"domains": ["units"]})["modula"]
+    assert ext["deployment"] == "Experts1" and ext["gates"]["units"] == pytest.approx(1.0)
+    for body, status, param in (({"weights": {"code": 1, "units": 1}}, 400, "modula.weights"),
+                                ({"domains": ["math", "units"]}, 400, "modula.domains"),
+                                ({"domains": ["finance"]}, 404, "modula.domains")):
+        r = httpx.post(f"{grouped['url']}/v1/completions", headers=AUTH, timeout=60,
+                       json={"model": "modula", "prompt": "x", "max_tokens": 2, "modula": body})
+        assert r.status_code == status, r.text
+        assert r.json()["error"]["param"] == param
+
+
 def expected_group(model: Any, tokenizer: Any, prompt: str) -> tuple[int, float]:
     """The group with the most mean gate mass over the prompt, and its margin."""
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]

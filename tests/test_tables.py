@@ -3,6 +3,8 @@ no line wider than the terminal."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from rich.console import Console
 
@@ -12,8 +14,10 @@ from modula.data.commands import datasets_table
 from modula.demo import answers_table
 from modula.eval.evaluate import DomainResult, VariantResult
 from modula.eval.report import VARIANT_ORDER, render_table
-from modula.infra.commands import experts_table, models_table, resources_table
+from modula.infra.commands import experts_table, models_table, pulled_table, resources_table
 from modula.infra.registry import BaseModelRef, ExpertEntry, FileEntry, ModelVersion
+from modula.model.commands import export_table
+from modula.model.export import Exported
 from modula.trainers.commands import cost_table, pretrain_table
 from modula.trainers.pretrain import PretrainResult
 from modula.trainers.runner import RunCost
@@ -72,6 +76,11 @@ TABLES = {
     "cost": lambda: cost_table(_costs(), "cost of adding 'headlines' (v12)"),
     "registry list": lambda: models_table(f"{ROOT}/registry", [(_version(), 12)]),
     "registry experts": lambda: experts_table(_version()),
+    "registry pull": lambda: pulled_table(_version(), f"{ROOT}/pulled/modula-molora-v12",
+                                          ["universal.safetensors"]),
+    "export": lambda: export_table(Exported(
+        "modula-molora", 12, "peft", Path(f"{ROOT}/export"),
+        {n: Path(f"{ROOT}/export/{n}") for n in ("universal", "code", "headlines")})),
     "data build": _datasets,
     "cluster": lambda: resources_table(ModulaConfig(), {"CPU": 64.0, "memory": 2**38,
                                                         "object_store_memory": 2**36,

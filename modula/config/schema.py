@@ -694,6 +694,19 @@ class ServeConfig(_Section):
     # which tokens the reported mean gate weights cover: the prompt (free: captured in the
     # prefill forward), every token (prompt + generated: a capture in every decode step), none
     gate_report: Literal["prompt", "all", "off"] = "prompt"
+    # what one request may ask for (a request over a limit gets a 400 naming the field):
+    # `logprobs` (completions) / `top_logprobs` (chat) alternatives per token
+    max_logprobs: Annotated[int, Field(ge=0, le=100)] = 20
+    # `n`: choices per prompt
+    max_n: Annotated[int, Field(ge=1)] = 16
+    # prompts in one completions request (a list of strings or of token-id lists)
+    max_batch_prompts: Annotated[int, Field(ge=1)] = 64
+    # `stop`: stop sequences per request (lm-evaluation-harness's code tasks send 8 or more)
+    max_stop_sequences: Annotated[int, Field(ge=1)] = 32
+    # a top-level request field the service does not know: `ignore` it (vLLM's choice; it is
+    # logged and listed in the response's modula.ignored_fields) or `refuse` it with a 400
+    # (the official API's choice)
+    unknown_fields: Literal["ignore", "refuse"] = "ignore"
 
     @field_validator("api_keys", mode="before")
     @classmethod

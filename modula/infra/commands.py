@@ -1,10 +1,12 @@
 """`modula cluster` (connect to the configured Ray and print its resources) and `modula registry
-list|show` (what the expert registry under ``storage.root`` holds)."""
+list|show|pull` (what the expert registry under ``storage.root`` holds; a checked copy of one
+version)."""
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -24,6 +26,8 @@ __all__ = [
     "list_cmd",
     "models_table",
     "print_resources",
+    "pull_cmd",
+    "pulled_table",
     "register",
     "resources_table",
     "show_cmd",
@@ -161,10 +165,41 @@ def show_cmd(
         console.print(files)
 
 
+def pulled_table(mv: ModelVersion, where: str, downloaded: list[str]) -> Table:
+    """The files of a pulled version: each one's size and sha256, and whether it was fetched
+    now or already there (same sha256)."""
+    table = Table(title=f"{mv.model} v{mv.version} -> {where}")
+    table.add_column("file", overflow="fold")
+    table.add_column("size", no_wrap=True)
+    table.add_column("sha256", no_wrap=True)
+    table.add_column("", no_wrap=True)
+    for f in mv.files.values():
+        table.add_row(f.path, _size(f.size), f.sha256[:12],
+                      "fetched" if f.path in downloaded else "kept")
+    table.caption = "every file's sha256 verified"
+    return table
+
+
+def pull_cmd(
+    model: Annotated[str, typer.Argument(help="The model name.")],
+    dest: Annotated[Path, typer.Argument(help="An empty or new folder (or one an earlier pull "
+                                              "of this model wrote).")],
+    version: Annotated[int | None, typer.Option("--version", "-v", help="Default: latest.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Copy one published version into a folder: every file, its sha256 checked, and the
+    manifest (`.modula-registry.json`)."""
+    reg = Registry.from_config(load_config(config, set_))
+    local = reg.fetch(model, version, dest)
+    _console().print(pulled_table(local.manifest, str(dest), local.downloaded))
+
+
 def register(app: typer.Typer) -> None:
     app.command("cluster")(cluster)
     registry_app = typer.Typer(help="The expert registry under storage.root.",
                                no_args_is_help=True)
     registry_app.command("list")(list_cmd)
     registry_app.command("show")(show_cmd)
+    registry_app.command("pull")(pull_cmd)
     app.add_typer(registry_app, name="registry")

@@ -29,6 +29,8 @@ def ray_init_kwargs(cluster: ClusterConfig) -> dict[str, Any]:
         kw["runtime_env"] = cluster.runtime_env
     if cluster.is_local:
         kw.update(
+            # a new Ray here, never a cluster that `ray start` left on this machine
+            address="local",
             num_cpus=cluster.num_cpus,
             num_gpus=cluster.num_gpus,
             include_dashboard=cluster.dashboard,

@@ -22,6 +22,7 @@ the same graph from a :class:`ModulaConfig` in process (``modula serve``).
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -40,6 +41,7 @@ from modula.config.schema import ModulaConfig
 from modula.data.tokenizer import render_chat
 from modula.serving import topology
 from modula.serving.engine import AsyncEngine, EngineCore, Failed, Finished, TokenDelta
+from modula.serving.logprobs import TokenTexts, chat_logprobs, completion_logprobs
 from modula.serving.metrics import ServingMetrics
 from modula.serving.modeling import ModelSource, RoutingModel, configure_torch, load_tokenizer
 from modula.serving.protocol import (
@@ -49,13 +51,17 @@ from modula.serving.protocol import (
     GenerationRequest,
     GenerationResult,
     Limits,
+    Routing,
     SamplingParams,
+    chat_choice,
     chat_chunk,
     chat_response,
     check_api_key,
+    check_limits,
     check_prompt_length,
+    completion_choice,
     completion_chunk,
-    completion_prompt,
+    completion_prompts,
     completion_response,
     hash_api_key,
     model_list,
@@ -64,7 +70,9 @@ from modula.serving.protocol import (
     parse_model_name,
     parse_request,
     resolve_max_tokens,
+    routing_extension,
     sse,
+    total_usage,
     unknown_domain,
 )
 
@@ -207,19 +215,28 @@ class Experts:
         out: list[Any] = []
         for req in reqs:
             try:
-                try:
-                    expert = engine.adapter.expert_id(req.domain)
-                except KeyError:
-                    raise unknown_domain(req.model or self.cfg.serve.model_name, req.domain or "",
-                                         engine.adapter.domains) from None
-                out.append(engine.submit(req, expert))
+                out.append(engine.submit(req, self._routing(engine.adapter, req)))
             except APIError as exc:
                 out.append(exc)
         return out
 
+    def _routing(self, adapter: Any, req: GenerationRequest) -> Any:
+        """The request's routing over this replica's experts: 404 for an expert it does not
+        have (as for model names), 400 for a routing the model cannot do."""
+        route = req.route()
+        try:
+            return adapter.row_routing(route)
+        except KeyError as exc:
+            param = {"pinned": "model", "weights": "modula.weights"}.get(route.mode,
+                                                                          "modula.domains")
+            raise unknown_domain(req.model or self.cfg.serve.model_name, str(exc.args[0]),
+                                 adapter.domains, param) from None
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="modula", code="invalid_value") from None
+
     async def _start(self, req: GenerationRequest) -> Any:
         res = await self._admit(req)
-        if isinstance(res, APIError) and res.code == "model_not_found" and req.domain:
+        if isinstance(res, APIError) and res.code == "model_not_found":
             # maybe a domain that a newer registry version added: look before refusing
             if await self.reload():
                 res = await self._admit(req)
@@ -243,11 +260,13 @@ class Experts:
         try:
             async for ev in stream:
                 events = [ev, *stream.drain_nowait()]
-                text, first, end = [], False, None
+                text, first, end, logprobs, prompt_lp = [], False, None, [], None
                 for e in events:
                     if isinstance(e, TokenDelta):
                         text.append(e.text)
                         first |= e.first
+                        logprobs += e.logprobs or []
+                        prompt_lp = e.prompt_logprobs or prompt_lp
                     elif isinstance(e, Finished):
                         text.append(e.last_delta)
                         end = e.result
@@ -256,6 +275,10 @@ class Experts:
                 item: dict[str, Any] = {"text": "".join(text)}
                 if first:
                     item["first_token_at"] = time.time()
+                if logprobs:
+                    item["logprobs"] = logprobs
+                if prompt_lp is not None:
+                    item["prompt_logprobs"] = prompt_lp
                 if end is not None:
                     item["result"] = self._stamp(end)
                     yield item
@@ -383,7 +406,7 @@ class Router:
         self._domain_map = m
         self._map_at = time.monotonic()
 
-    async def _group_of(self, domain: str, model: str) -> int:
+    async def _group_of(self, domain: str, model: str, param: str = "model") -> int:
         stale = time.monotonic() - self._map_at > self.cfg.serve.registry_poll_s
         if domain not in self._domain_map or stale:
             await self._refresh_map()
@@ -393,20 +416,44 @@ class Router:
                                  return_exceptions=True)
             await self._refresh_map()
         if domain not in self._domain_map:
-            raise unknown_domain(model, domain, sorted(self._domain_map))
+            raise unknown_domain(model, domain, sorted(self._domain_map), param)
         return self._domain_map[domain]
+
+    async def _group_of_routing(self, req: GenerationRequest) -> tuple[int | None,
+                                                                        GenerationRequest]:
+        """The group that holds every expert a weighted or restricted request names (the
+        universal expert is in every group); zero weights are dropped, so they need no group.
+        None when only the universal expert is named."""
+        route = req.route()
+        if route.weights is not None:
+            kept = tuple((n, w) for n, w in route.weights if w > 0)
+            req = dataclasses.replace(req, routing=Routing(weights=kept))
+            names, param = [n for n, _ in kept], "modula.weights"
+        else:
+            names, param = list(route.allowed or ()), "modula.domains"
+        groups = {await self._group_of(n, req.model, param)
+                  for n in names if n != "universal"}
+        if len(groups) > 1:
+            raise APIError(400, f"The experts named in {param} are served by different expert "
+                                "deployments (serve.experts_per_deployment); name experts of "
+                                "one group.", param=param, code="unsupported_value")
+        return (groups.pop() if groups else None), req
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _route_batch(self, reqs: list[GenerationRequest]) -> list[dict[str, float]]:
         assert self._routing is not None
         return await asyncio.to_thread(self._routing.gates, [r.prompt_ids for r in reqs])
 
-    async def pick(self, req: GenerationRequest) -> int:
-        """The index of the expert deployment for `req`."""
+    async def pick(self, req: GenerationRequest) -> tuple[int, GenerationRequest]:
+        """The index of the expert deployment for `req` (and the request as sent there)."""
         if len(self.experts) == 1:
-            return 0
+            return 0, req
         if req.domain is not None:
-            return await self._group_of(req.domain, req.model)
+            return await self._group_of(req.domain, req.model), req
+        if req.routing is not None and req.route().mode != "routed":
+            group, req = await self._group_of_routing(req)
+            if group is not None:
+                return group, req
         gates = await self._route_batch(req)
         if time.monotonic() - self._map_at > self.cfg.serve.registry_poll_s:
             await self._refresh_map()
@@ -414,12 +461,12 @@ class Router:
         for d, w in gates.items():
             if d in self._domain_map:
                 mass[self._domain_map[d]] += w
-        return max(range(len(mass)), key=lambda i: (mass[i], -i))
+        return max(range(len(mass)), key=lambda i: (mass[i], -i)), req
 
     # ---------------------------------------------------------------- forwarding
 
     async def generate(self, req: GenerationRequest) -> GenerationResult:
-        idx = await self.pick(req)
+        idx, req = await self.pick(req)
         delay = 0.05
         for attempt in range(_RETRYABLE_ATTEMPTS):
             try:
@@ -437,7 +484,7 @@ class Router:
         raise RuntimeError("unreachable")
 
     async def generate_stream(self, req: GenerationRequest) -> AsyncIterator[dict[str, Any]]:
-        idx = await self.pick(req)
+        idx, req = await self.pick(req)
         delay = 0.05
         for attempt in range(_RETRYABLE_ATTEMPTS):
             sent = False
@@ -493,6 +540,17 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
                                     code="invalid_value"))
 
 
+@dataclasses.dataclass
+class _Choice:
+    """One choice of a response: its index, the prompt it continues, its generation, and the
+    prompt's text when it is echoed."""
+
+    index: int
+    prompt_index: int
+    gen: GenerationRequest
+    echo: str | None = None
+
+
 @serve.deployment(max_ongoing_requests=512)
 @serve.ingress(api)
 class Ingress:
@@ -507,8 +565,11 @@ class Ingress:
         self.key_hashes = sorted({*api_key_hashes, *env_key_hashes(),
                                   *(hash_api_key(k.get_secret_value()) for k in s.api_keys)})
         self.tokenizer = load_tokenizer(self.cfg)
+        self.texts = TokenTexts(self.tokenizer)
         self.vocab = len(self.tokenizer)
-        self.limits = Limits(s.max_prompt_tokens, s.max_tokens_limit)
+        self.limits = Limits.from_config(s)
+        self.unknown = s.unknown_fields
+        self.max_model_len = s.max_prompt_tokens + s.max_tokens_limit
         self.max_body = s.max_request_bytes
         self.metrics = ServingMetrics()
         self.created = int(time.time())
@@ -524,37 +585,100 @@ class Ingress:
     def _tokens(self, text: str, special: bool) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
-    def _completion_request(self, req: CompletionRequest, rid: str) -> GenerationRequest:
-        domain = parse_model_name(req.model, self.served)
-        prompt = completion_prompt(req)
-        if isinstance(prompt, str):
-            ids = self._tokens(prompt, special=True)
-        else:
-            ids = prompt
-            bad = [t for t in ids if not 0 <= t < self.vocab]
-            if bad:
-                raise APIError(400, f"Token id {bad[0]} is out of range [0, {self.vocab}).",
-                               param="prompt", code="invalid_value")
-        check_prompt_length(len(ids), self.limits, "prompt")
-        n = resolve_max_tokens(req, self.limits)
-        return GenerationRequest(rid, tuple(ids), SamplingParams.from_request(req, n), domain,
-                                 req.model)
+    def _check_ids(self, ids: Sequence[int], param: str) -> None:
+        bad = [t for t in ids if not 0 <= t < self.vocab]
+        if bad:
+            raise APIError(400, f"Token id {bad[0]} is out of range [0, {self.vocab}).",
+                           param=param, code="invalid_value")
 
-    def _chat_request(self, req: ChatCompletionRequest, rid: str) -> GenerationRequest:
-        domain = parse_model_name(req.model, self.served)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in req.messages]
+    def _chat_ids(self, messages: Sequence[Any], add_generation_prompt: bool = True
+                  ) -> list[int]:
+        rows = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                for m in messages]
         try:
-            text = render_chat(self.tokenizer, messages)
+            if add_generation_prompt:
+                text = render_chat(self.tokenizer, rows)
+            else:
+                text = self.tokenizer.apply_chat_template(rows, tokenize=False,
+                                                          add_generation_prompt=False)
         except Exception as exc:  # noqa: BLE001 - a template that refuses these messages
             raise APIError(400, f"The messages cannot be rendered by the model's chat "
                                 f"template: {exc}", param="messages",
                            code="invalid_value") from None
-        ids = self._tokens(text, special=False)
-        check_prompt_length(len(ids), self.limits, "messages")
-        n = resolve_max_tokens(req, self.limits)
-        return GenerationRequest(rid, tuple(ids), SamplingParams.from_request(req, n), domain,
-                                 req.model)
+        return self._tokens(text, special=False)
+
+    def _plan(self, req: CompletionRequest | ChatCompletionRequest, kind: str,
+              rid: str) -> list[_Choice]:
+        """One generation per choice: every prompt of a batch, `n` times each (choice index
+        ``prompt * n + j``; a seeded request's choice j samples with seed + j)."""
+        pinned = parse_model_name(req.model, self.served)
+        routing = routing_extension(req, pinned)
+        check_limits(req, self.limits)
+        max_tokens = resolve_max_tokens(req, self.limits)
+        prompts: list[tuple[list[int], str | None]] = []
+        if isinstance(req, CompletionRequest):
+            given = completion_prompts(req, self.limits)
+            for i, p in enumerate(given):
+                param = "prompt" if len(given) == 1 else f"prompt.{i}"
+                if isinstance(p, str):
+                    ids = self._tokens(p, special=True)
+                else:
+                    ids = list(p)
+                    self._check_ids(ids, param)
+                check_prompt_length(len(ids), self.limits, param)
+                echo = None
+                if req.echo:
+                    echo = p if isinstance(p, str) else self.tokenizer.decode(
+                        ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+                prompts.append((ids, echo))
+        else:
+            ids = self._chat_ids(req.messages)
+            check_prompt_length(len(ids), self.limits, "messages")
+            prompts.append((ids, None))
+        n = req.n or 1
+        if len(prompts) * n > self.limits.max_batch_prompts:
+            raise APIError(400, f"{len(prompts)} prompts x n={n} is {len(prompts) * n} choices; "
+                                f"at most {self.limits.max_batch_prompts} per request.",
+                           param="n", code="invalid_value")
+        self._check_ids(req.stop_token_ids or [], "stop_token_ids")
+        self._check_ids([int(k) for k in req.logit_bias or {}], "logit_bias")
+        ext = routing if routing.mode in ("weights", "domains") else None
+        many = len(prompts) * n > 1
+        out = []
+        for pi, (ids, echo) in enumerate(prompts):
+            for j in range(n):
+                index = pi * n + j
+                params = SamplingParams.from_request(req, max_tokens, seed_offset=j)
+                gen = GenerationRequest(f"{rid}-{index}" if many else rid, tuple(ids), params,
+                                        pinned, req.model, routing=ext)
+                out.append(_Choice(index, pi, gen, echo))
+        return out
+
+    def _choice_body(self, kind: str, c: _Choice, res: GenerationResult,
+                     extension: dict[str, Any] | None) -> dict[str, Any]:
+        p = c.gen.params
+        if kind == "chat":
+            lp = (chat_logprobs(self.texts, res.logprobs or [], c.gen.prompt_ids)
+                  if p.logprobs is not None else None)
+            return chat_choice(c.index, res.text, res.finish_reason, lp, extension)
+        text = (c.echo or "") + res.text
+        lp = None
+        if p.logprobs is not None:
+            entries: list[Any] = list(res.logprobs or [])
+            ids = [e[0] for e in entries]
+            before: Sequence[int] = c.gen.prompt_ids
+            if c.echo is not None:
+                entries = [*(res.prompt_logprobs or [None] * len(c.gen.prompt_ids)), *entries]
+                ids = [*c.gen.prompt_ids, *ids]
+                before = ()
+            lp = completion_logprobs(self.texts, entries, ids, before)
+        return completion_choice(c.index, text, res.finish_reason, lp, extension)
+
+    def _extension(self, res: GenerationResult, req: Any) -> dict[str, Any]:
+        ext = res.extension()
+        if req.ignored_fields:
+            ext["ignored_fields"] = req.ignored_fields
+        return ext
 
     # ---------------------------------------------------------------- routes
 
@@ -593,6 +717,68 @@ class Ingress:
     async def chat_completions(self, request: Request) -> Response:
         return await self._generate(request, "chat")
 
+    @api.post("/tokenize")
+    async def tokenize(self, request: Request) -> Response:
+        """vLLM's ``/tokenize``: the token ids of a prompt, or of chat messages rendered by
+        the chat template (``add_special_tokens``: default true for a prompt, false for
+        messages, as vLLM)."""
+        t0 = time.perf_counter()
+        try:
+            self._auth(request)
+            req = parse_request("tokenize", await self._body(request), self.unknown)
+            if req.model is not None:
+                parse_model_name(req.model, self.served)
+            if req.prompt is not None:
+                special = True if req.add_special_tokens is None else req.add_special_tokens
+                ids = self._tokens(req.prompt, special=special)
+            else:
+                ids = self._chat_ids(req.messages or [], req.add_generation_prompt)
+                if req.add_special_tokens:
+                    ids = list(self.tokenizer.build_inputs_with_special_tokens(ids))
+        except Exception as exc:  # noqa: BLE001
+            return self._fail("tokenize", exc, t0)
+        self.metrics.request_done("tokenize", 200, time.perf_counter() - t0, False)
+        return JSONResponse({
+            "count": len(ids), "max_model_len": self.max_model_len, "tokens": ids,
+            "token_strs": (self.tokenizer.convert_ids_to_tokens(ids)
+                           if req.return_token_strs else None)})
+
+    @api.post("/detokenize")
+    async def detokenize(self, request: Request) -> Response:
+        """vLLM's ``/detokenize``: the text of token ids."""
+        t0 = time.perf_counter()
+        try:
+            self._auth(request)
+            req = parse_request("detokenize", await self._body(request), self.unknown)
+            if req.model is not None:
+                parse_model_name(req.model, self.served)
+            self._check_ids(req.tokens, "tokens")
+            text = self.tokenizer.decode(req.tokens, skip_special_tokens=False,
+                                         clean_up_tokenization_spaces=False)
+        except Exception as exc:  # noqa: BLE001
+            return self._fail("tokenize", exc, t0)
+        self.metrics.request_done("tokenize", 200, time.perf_counter() - t0, False)
+        return JSONResponse({"prompt": text})
+
+    @api.get("/tokenizer_info")
+    async def tokenizer_info(self, request: Request) -> Response:
+        """vLLM's ``/tokenizer_info``: the tokenizer's class, special tokens and chat template
+        (enough for a client to tokenise and render chats as the service does)."""
+        t0 = time.perf_counter()
+        try:
+            self._auth(request)
+        except Exception as exc:  # noqa: BLE001
+            return self._fail("tokenize", exc, t0)
+        tok = self.tokenizer
+        info = {"tokenizer_class": type(tok).__name__,
+                "model_max_length": self.max_model_len, "vocab_size": self.vocab,
+                "chat_template": getattr(tok, "chat_template", None)}
+        for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            value = getattr(tok, name, None)
+            info[name] = str(value) if value is not None else None
+        self.metrics.request_done("tokenize", 200, time.perf_counter() - t0, False)
+        return JSONResponse(info)
+
     @api.get("/metrics")
     async def metrics_endpoint(self) -> Response:
         body, ctype = self.metrics.render()
@@ -626,30 +812,47 @@ class Ingress:
         try:
             self._auth(request)
             body = await self._body(request)
-            req = parse_request(kind, body)
-            gen = (self._completion_request(req, rid) if kind == "completion"
-                   else self._chat_request(req, rid))
+            req = parse_request(kind, body, self.unknown)
+            if req.ignored_fields:
+                log.warning("request %s: ignored unknown fields %s", rid, req.ignored_fields)
+            choices = self._plan(req, kind, rid)
             if req.stream:
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
-                resp = await self._stream(gen, kind, endpoint, include_usage, t0)
+                resp = await self._stream(req, rid, choices, kind, endpoint, include_usage, t0)
                 streaming = True
                 return resp
-            res: GenerationResult = await self._call_router(gen)
+            results = await self._run_all(choices)
         except Exception as exc:  # noqa: BLE001
             return self._fail(endpoint, exc, t0)
         finally:
             if not streaming:
                 self.metrics.in_flight.dec()
         created = int(time.time())
-        body_out = (completion_response(rid, gen.model, created, res) if kind == "completion"
-                    else chat_response(rid, gen.model, created, res))
-        self.metrics.generation_done(res.prompt_tokens, res.completion_tokens, res.domain,
-                                     res.gates)
-        ttft = res.info.get("ttft_s")
-        if ttft is not None:
-            self.metrics.first_token(endpoint, float(ttft))
+        many = len(choices) > 1
+        bodies = [self._choice_body(kind, c, r, r.extension() if many else None)
+                  for c, r in zip(choices, results, strict=True)]
+        usage = total_usage(results, [c.prompt_index for c in choices])
+        ext = self._extension(results[0], req)
+        build = completion_response if kind == "completion" else chat_response
+        body_out = build(rid, req.model, created, results, choices=bodies, usage=usage,
+                         extension=ext)
+        for r in results:
+            self.metrics.generation_done(r.prompt_tokens, r.completion_tokens, r.domain, r.gates)
+            ttft = r.info.get("ttft_s")
+            if ttft is not None:
+                self.metrics.first_token(endpoint, float(ttft))
         self.metrics.request_done(endpoint, 200, time.perf_counter() - t0, False)
         return JSONResponse(body_out)
+
+    async def _run_all(self, choices: Sequence[_Choice]) -> list[GenerationResult]:
+        """Every choice's result (sent side by side: the expert replicas batch them); the
+        first failure is raised after all have ended."""
+        got = await asyncio.gather(*(self._call_router(c.gen) for c in choices),
+                                   return_exceptions=True)
+        for g in got:
+            if isinstance(g, BaseException):
+                raise g
+        return list(got)  # type: ignore[arg-type]
 
     async def _call_router(self, gen: GenerationRequest) -> GenerationResult:
         """The router's answer; a router replica lost before answering is retried."""
@@ -668,54 +871,132 @@ class Ingress:
 
         return await _with_retries(first)
 
-    async def _stream(self, gen: GenerationRequest, kind: str, endpoint: str,
-                      include_usage: bool, t0: float) -> Response:
-        stream, first = await self._open_stream(gen)
-        rid, model, created = gen.request_id, gen.model, int(time.time())
+    async def _stream(self, req: Any, rid: str, choices: Sequence[_Choice], kind: str,
+                      endpoint: str, include_usage: bool, t0: float) -> Response:
+        opened = await asyncio.gather(*(self._open_stream(c.gen) for c in choices),
+                                      return_exceptions=True)
+        failed = [o for o in opened if isinstance(o, BaseException)]
+        if failed:
+            for o in opened:
+                if not isinstance(o, BaseException):
+                    o[0].cancel()
+            raise failed[0]
+        model, created = req.model, int(time.time())
         metrics = self.metrics
+        texts = self.texts
+        many = len(choices) > 1
 
-        def chunk(text: str, finish: str | None = None, ext: dict[str, Any] | None = None,
-                  role: bool = False) -> bytes:
+        def chunk(c: _Choice, text: str, finish: str | None = None,
+                  ext: dict[str, Any] | None = None, role: bool = False,
+                  lp: dict[str, Any] | None = None) -> bytes:
             if kind == "completion":
-                return sse(completion_chunk(rid, model, created, text, finish, extension=ext))
+                return sse(completion_chunk(rid, model, created, text, finish, extension=ext,
+                                            index=c.index, logprobs=lp))
             delta: dict[str, Any] = {"role": "assistant", "content": text} if role else (
                 {"content": text} if text or finish is None else {})
-            return sse(chat_chunk(rid, model, created, delta, finish, extension=ext))
+            return sse(chat_chunk(rid, model, created, delta, finish, extension=ext,
+                                  index=c.index, logprobs=lp))
+
+        class _State:
+            def __init__(self, c: _Choice):
+                self.c = c
+                self.context = list(c.gen.prompt_ids)  # tokens before the next reported one
+                self.sent = 0  # logprob entries sent
+                self.offset = 0  # text offset of the next token (summed token texts)
+                self.started = False
+
+        def logprobs_of(st: _State, entries: Sequence[Any]) -> dict[str, Any] | None:
+            if st.c.gen.params.logprobs is None:
+                return None
+            ids = [e[0] for e in entries]
+            if kind == "chat":
+                lp = chat_logprobs(texts, entries, st.context)
+            else:
+                lp = completion_logprobs(texts, entries, ids, st.context, st.offset)
+                st.offset = lp["text_offset"][-1] + len(lp["tokens"][-1])
+            st.context += ids
+            st.sent += len(entries)
+            return lp
+
+        def start(st: _State, item: dict[str, Any]) -> list[bytes]:
+            """The first chunk of a choice: the role (chat) or the echoed prompt."""
+            st.started = True
+            c = st.c
+            if kind == "chat":
+                return [chunk(c, "", role=True)]
+            if c.echo is None:
+                return []
+            lp = None
+            if c.gen.params.logprobs is not None:
+                res = item.get("result")
+                entries = item.get("prompt_logprobs") or (
+                    res.prompt_logprobs if res is not None else None) or [None] * len(
+                    c.gen.prompt_ids)
+                lp = completion_logprobs(texts, entries, c.gen.prompt_ids)
+                st.context = list(c.gen.prompt_ids)
+                st.offset = lp["text_offset"][-1] + len(lp["tokens"][-1])
+            return [chunk(c, c.echo, lp=lp)]
+
+        def on_item(st: _State, item: dict[str, Any]) -> tuple[list[bytes], Any]:
+            out = [] if st.started else start(st, item)
+            res: GenerationResult | None = item.get("result")
+            text = item.get("text") or ""
+            entries = (res.logprobs or [])[st.sent:] if res is not None else (
+                item.get("logprobs") or [])
+            lp = logprobs_of(st, entries) if entries else None
+            if text or lp:
+                out.append(chunk(st.c, text, lp=lp))
+            if res is not None:
+                ext = res.extension()
+                if not many and req.ignored_fields:
+                    ext["ignored_fields"] = req.ignored_fields
+                out.append(chunk(st.c, "", res.finish_reason, ext))
+            return out, res
+
+        async def pump(i: int, stream: Any, first_item: dict[str, Any],
+                       queue: asyncio.Queue) -> None:
+            try:
+                queue.put_nowait((i, first_item))
+                while "result" not in first_item:
+                    first_item = await stream.__anext__()
+                    queue.put_nowait((i, first_item))
+            except StopAsyncIteration:
+                queue.put_nowait((i, RuntimeError("the stream ended without a result")))
+            except BaseException as exc:  # noqa: BLE001 - reported in the stream
+                queue.put_nowait((i, exc))
 
         async def body() -> AsyncIterator[bytes]:
             status = 200
             first_token_seen = False
+            queue: asyncio.Queue = asyncio.Queue()
+            states = [_State(c) for c in choices]
+            tasks = [asyncio.create_task(pump(i, o[0], o[1], queue))
+                     for i, o in enumerate(opened)]
+            results: dict[int, GenerationResult] = {}
             try:
-                if kind == "chat":
-                    yield chunk("", role=True)
-                item: dict[str, Any] | None = first
-                while item is not None:
+                while len(results) < len(choices):
+                    i, item = await queue.get()
+                    if isinstance(item, BaseException):
+                        raise item
                     if not first_token_seen and ("first_token_at" in item or item.get("text")):
                         first_token_seen = True
                         metrics.first_token(endpoint, time.perf_counter() - t0)
-                    res: GenerationResult | None = item.get("result")
-                    if item.get("text") and res is None:
-                        yield chunk(item["text"])
+                    chunks, res = on_item(states[i], item)
+                    for b in chunks:
+                        yield b
                     if res is not None:
-                        if item.get("text"):
-                            yield chunk(item["text"])
-                        yield chunk("", res.finish_reason, res.extension())
-                        if include_usage:
-                            yield sse((completion_chunk if kind == "completion" else chat_chunk)(
-                                rid, model, created, "" if kind == "completion" else {},
-                                usage=res.usage(), usage_only=True))
+                        results[i] = res
                         metrics.generation_done(res.prompt_tokens, res.completion_tokens,
                                                 res.domain, res.gates)
-                        break
-                    try:
-                        item = await stream.__anext__()
-                    except StopAsyncIteration:
-                        item = None
-                        raise RuntimeError("the stream ended without a result") from None
+                if include_usage:
+                    ordered = [results[i] for i in range(len(choices))]
+                    usage = total_usage(ordered, [c.prompt_index for c in choices])
+                    yield sse((completion_chunk if kind == "completion" else chat_chunk)(
+                        rid, model, created, "" if kind == "completion" else {},
+                        usage=usage, usage_only=True))
                 yield sse("[DONE]")
             except asyncio.CancelledError:
                 status = 499  # the client went away
-                stream.cancel()
                 raise
             except Exception as exc:  # noqa: BLE001 - headers are sent: report in the stream
                 err = _unwrap(exc)
@@ -726,6 +1007,10 @@ class Ingress:
                 status = err.status
                 yield sse(err.body())
             finally:
+                for t in tasks:
+                    t.cancel()
+                for o in opened:
+                    o[0].cancel()
                 metrics.in_flight.dec()
                 metrics.request_done(endpoint, status, time.perf_counter() - t0, True)
 

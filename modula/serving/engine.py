@@ -3,14 +3,18 @@
 Requests for different domains share one batch. Each step:
 
 1. *admit*: the requests that arrived since the last step (up to the free slots) are prefilled
-   together in one forward, left-padded, each row with its own ``expert_id`` (a pinned domain,
-   or -1: the per-token routers mix the experts); the first token of each is sampled;
+   together in one forward, left-padded, each row with its own routing (:class:`RowRouting`: a
+   pinned domain, fixed gate weights, a mask over the experts the routers may pick, or the
+   routers alone); the first token of each is sampled. Rows that ask for the log
+   probabilities of their prompt (``echo``) get the logits of every position; the others only
+   the last one's;
 2. *merge*: their KV cache joins the running batch's (the shorter one is left-padded along the
    time axis, so every row keeps its tokens right-aligned);
 3. *decode*: one forward over every running row (one new token each, per-row positions), one
-   token sampled per row; rows finish on their own (eos, a stop sequence, ``max_tokens``, the
-   context limit, or the client going away) and leave the batch at once; time columns that no
-   remaining row uses are cut from the front of the cache.
+   token sampled per row (with its log probability and the best alternatives, from the same
+   logits, when the request asks); rows finish on their own (eos, a stop token or sequence,
+   ``max_tokens``, the context limit, or the client going away) and leave the batch at once;
+   time columns that no remaining row uses are cut from the front of the cache.
 
 :class:`EngineCore` is synchronous and single-threaded (tests drive it step by step);
 :class:`AsyncEngine` runs it on one worker thread and hands each request an async iterator of
@@ -34,7 +38,13 @@ from typing import Any
 
 import torch
 
-from modula.serving.protocol import APIError, GenerationRequest, GenerationResult
+from modula.serving.protocol import (
+    APIError,
+    GenerationRequest,
+    GenerationResult,
+    Routing,
+    TokenLogprob,
+)
 from modula.serving.sampling import make_generator, sample_next
 from modula.serving.text import TextTracker
 
@@ -46,7 +56,9 @@ __all__ = [
     "Failed",
     "ModelAdapter",
     "RequestStream",
+    "RowRouting",
     "TokenDelta",
+    "token_logprobs",
 ]
 
 log = logging.getLogger(__name__)
@@ -57,16 +69,20 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TokenDelta:
-    """New text of one request (may be '' when tokens were held back)."""
+    """New text of one request (may be '' when tokens were held back); with log
+    probabilities, those of the tokens not reported yet (and, on the first delta, the
+    prompt's)."""
 
     text: str
     n_tokens: int
     first: bool = False
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
 class Finished:
-    """The request is done; `result.text` is the whole text."""
+    """The request is done; `result.text` is the whole text, `result.logprobs` every token's."""
 
     result: GenerationResult
     last_delta: str = ""
@@ -83,6 +99,41 @@ Event = TokenDelta | Finished | Failed
 
 
 # ------------------------------------------------------------------------------------ model
+
+
+@dataclass(frozen=True)
+class RowRouting:
+    """The routing of one batch row over the model's gate columns (``ModelAdapter.gate_names``):
+    ``expert_id`` >= 0 pins a domain expert (-1: not pinned); ``weights``, one per column,
+    fixes the gates; ``mask``, one per column, restricts the learned routing to the columns
+    it allows. All unset: the learned routers decide. Passed to ``ModulaModel.forward`` as
+    ``expert_ids`` / ``expert_weights`` / ``expert_mask``."""
+
+    expert_id: int = -1
+    weights: tuple[float, ...] | None = None
+    mask: tuple[bool, ...] | None = None
+
+
+ROUTED = RowRouting()
+
+
+def _row(r: RowRouting | int) -> RowRouting:
+    return r if isinstance(r, RowRouting) else (ROUTED if r < 0 else RowRouting(expert_id=r))
+
+
+def token_logprobs(logits: torch.Tensor, chosen: Sequence[int], k: int) -> list[TokenLogprob]:
+    """Per row of `logits` (N, V): the log probability of `chosen[i]` and the `k` most likely
+    tokens with theirs (log-softmax in float32 of the raw logits)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    idx = torch.tensor(list(chosen), dtype=torch.long)
+    mine = lp.gather(1, idx[:, None])[:, 0].tolist()
+    if k > 0:
+        top_v, top_i = lp.topk(min(k, lp.shape[1]), dim=-1)
+        tops = [tuple(zip(i, v, strict=True)) for i, v in zip(top_i.tolist(), top_v.tolist(),
+                                                                strict=True)]
+    else:
+        tops = [()] * len(mine)
+    return [(int(t), float(v), top) for t, v, top in zip(chosen, mine, tops, strict=True)]
 
 
 def _forward_params(model: Any) -> set[str]:
@@ -133,6 +184,30 @@ class ModelAdapter:
             raise KeyError(domain)
         return self.domains.index(domain)
 
+    def row_routing(self, routing: Routing | None) -> RowRouting:
+        """A request's routing over this model's gate columns: KeyError naming an expert the
+        model does not have; ValueError for a routing the model cannot do."""
+        if routing is None or routing.mode == "routed":
+            return ROUTED
+        if routing.mode == "pinned":
+            return RowRouting(expert_id=self.expert_id(routing.domain))
+        if not self.gate_names:
+            raise ValueError("this service runs a model without routed experts (the base model "
+                             "alone, or a single LoRA): there are no expert weights to set")
+        cols = self.gate_names
+        for name in routing.names():
+            if name not in cols:
+                if name == "universal":
+                    raise ValueError("the universal expert of this model is always on (it is "
+                                     "not gated): weights and domains name the gated experts ("
+                                     f"{', '.join(cols)})")
+                raise KeyError(name)
+        if routing.weights is not None:
+            given = dict(routing.weights)
+            return RowRouting(weights=tuple(float(given.get(c, 0.0)) for c in cols))
+        allowed = set(routing.allowed or ())
+        return RowRouting(mask=tuple(c in allowed for c in cols))
+
     def new_cache(self) -> Any:
         """A plain dynamic KV cache: every layer keeps all its tokens, even for sliding-window
         attention (the attention mask applies the window), so batches can be merged and cut
@@ -141,11 +216,48 @@ class ModelAdapter:
 
         return DynamicCache()
 
+    def _routing_kwargs(self, rows: Sequence[RowRouting | int]) -> dict[str, Any]:
+        """``expert_ids`` / ``expert_weights`` / ``expert_mask`` for the rows that need them
+        (an all-routed batch takes the plain routed path)."""
+        if not self.takes_expert_ids:
+            return {}
+        rr = [_row(r) for r in rows]
+        kw: dict[str, Any] = {}
+        if any(r.expert_id >= 0 for r in rr):
+            kw["expert_ids"] = torch.tensor([r.expert_id for r in rr], dtype=torch.long,
+                                            device=self.device)
+        cols = len(self.gate_names or ())
+        if any(r.weights is not None for r in rr):
+            w = torch.full((len(rr), cols), float("nan"))
+            for i, r in enumerate(rr):
+                if r.weights is not None:
+                    w[i] = torch.tensor(r.weights)
+            kw["expert_weights"] = w.to(self.device)
+        if any(r.mask is not None for r in rr):
+            m = torch.ones((len(rr), cols), dtype=torch.bool)
+            for i, r in enumerate(rr):
+                if r.mask is not None:
+                    m[i] = torch.tensor(r.mask)
+            kw["expert_mask"] = m.to(self.device)
+        return kw
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor, cache: Any, expert_ids: Sequence[int],
+                position_ids: torch.Tensor, cache: Any, rows: Sequence[RowRouting | int],
                 want_gates: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits of the last position (B, V) and, for a MoDULA model, the gates of every
-        position averaged over layers (B, S, n_experts)."""
+        position averaged over layers (B, S, n_experts). `rows`: each row's routing (or an
+        expert id: -1 routed, >= 0 pinned)."""
+        last, gates, _ = self.forward_full(input_ids, attention_mask, position_ids, cache,
+                                           rows, want_gates)
+        return last, gates
+
+    def forward_full(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     position_ids: torch.Tensor, cache: Any, rows: Sequence[RowRouting | int],
+                     want_gates: bool, full_rows: Sequence[int] = ()
+                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """As :meth:`forward`, plus the logits of every position (F, S, V) of the rows
+        `full_rows` (None if none). The other rows' hidden states never reach the output
+        head: a hook on it packs the positions that are needed into one call."""
         kw: dict[str, Any] = {
             "input_ids": input_ids.to(self.device),
             "attention_mask": attention_mask.to(self.device),
@@ -153,18 +265,44 @@ class ModelAdapter:
             self._cache_kw: cache,
             "use_cache": True,
         }
+        full_rows = list(full_rows)
         if self._keep_kw:
-            kw[self._keep_kw] = 1
-        if self.takes_expert_ids and any(e >= 0 for e in expert_ids):
-            # only when a row is pinned: all-routed batches take the plain routed path
-            kw["expert_ids"] = torch.tensor(list(expert_ids), dtype=torch.long,
-                                            device=self.device)
-        if self._gate_fn is not None and want_gates:
-            out, gates = self._gate_fn(lambda: self.model(**kw))
-        else:
-            out, gates = self.model(**kw), None
+            kw[self._keep_kw] = 0 if full_rows else 1
+        kw.update(self._routing_kwargs(rows))
+        packed: list[int] = []
+        handle = None
+        b, s = input_ids.shape
+        if full_rows:
+            head = self.hf_model.get_output_embeddings()
+
+            def pack(_module: Any, args: tuple[Any, ...]) -> Any:
+                h = args[0]
+                if packed or not isinstance(h, torch.Tensor) or h.dim() != 3 \
+                        or tuple(h.shape[:2]) != (b, s):
+                    return None
+                packed.append(1)
+                sel = torch.cat([h[full_rows].reshape(-1, h.shape[-1]), h[:, -1]], 0)
+                return (sel.unsqueeze(0), *args[1:])
+
+            if head is not None:
+                handle = head.register_forward_pre_hook(pack)
+        try:
+            if self._gate_fn is not None and want_gates:
+                out, gates = self._gate_fn(lambda: self.model(**kw))
+            else:
+                out, gates = self.model(**kw), None
+        finally:
+            if handle is not None:
+                handle.remove()
         logits = out.logits if hasattr(out, "logits") else out[0]
-        return logits[:, -1, :].float().cpu(), gates
+        if not full_rows:
+            return logits[:, -1, :].float().cpu(), gates, None
+        if packed:  # (1, F*S + B, V): the asking rows' positions, then every row's last
+            flat = logits[0].float().cpu()
+            f = len(full_rows) * s
+            return flat[f:], gates, flat[:f].view(len(full_rows), s, -1)
+        logits = logits.float().cpu()  # the head was not called as a module: keep what came
+        return logits[:, -1, :], gates, logits[full_rows]
 
 
 # ------------------------------------------------------------------------------------ cache
@@ -225,7 +363,7 @@ def _trim_front(cache: Any, start: int) -> None:
 @dataclass
 class _Row:
     req: GenerationRequest
-    expert_id: int
+    routing: RowRouting
     sink: Callable[[Event], None]
     tracker: TextTracker
     generator: torch.Generator | None
@@ -237,6 +375,14 @@ class _Row:
     admitted: float = 0.0
     first_token_at: float | None = None
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # every generated token's, when asked
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    reported: int = 0  # logprob entries already handed out in a TokenDelta
+    prompt_reported: bool = False
+
+    @property
+    def expert_id(self) -> int:
+        return self.routing.expert_id
 
 
 @dataclass
@@ -293,8 +439,10 @@ class EngineCore:
 
     # ---------------------------------------------------------------- requests
 
-    def add(self, req: GenerationRequest, expert_id: int, sink: Callable[[Event], None]) -> None:
-        """Queue a request; `sink` receives its events (from the stepping thread)."""
+    def add(self, req: GenerationRequest, routing: RowRouting | int,
+            sink: Callable[[Event], None]) -> None:
+        """Queue a request with its routing (a :class:`RowRouting`, or an expert id: -1
+        routed, >= 0 pinned); `sink` receives its events (from the stepping thread)."""
         if not req.prompt_ids:
             raise APIError(400, "The prompt is empty.", param="prompt", code="invalid_value")
         bad = [t for t in req.prompt_ids if not 0 <= t < self.vocab_limit]
@@ -305,10 +453,11 @@ class EngineCore:
             raise APIError(400, f"The prompt has {len(req.prompt_ids)} tokens; this model's "
                                 f"context is {self.max_context}.", param="prompt",
                            code="context_length_exceeded")
-        row = _Row(req=req, expert_id=expert_id, sink=sink,
-                   tracker=TextTracker(self.tokenizer, req.params.stop, req.prompt_ids),
-                   generator=make_generator(req.params.seed)
-                   if req.params.temperature > 0 else None)
+        p = req.params
+        row = _Row(req=req, routing=_row(routing), sink=sink,
+                   tracker=TextTracker(self.tokenizer, p.stop, req.prompt_ids),
+                   generator=make_generator(p.seed) if p.temperature > 0 else None,
+                   logprobs=[] if p.logprobs is not None else None)
         with self._lock:
             self._inbox.append(row)
 
@@ -374,8 +523,14 @@ class EngineCore:
             mask[i, length - len(p):] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = self.adapter.new_cache()
-        logits, gates = self.adapter.forward(ids, mask, pos, cache, [r.expert_id for r in new],
-                                             self._prefill_gates)
+        full_rows = [i for i, r in enumerate(new) if r.req.params.prompt_logprobs is not None]
+        routing = [r.routing for r in new]
+        if full_rows:
+            logits, gates, full = self.adapter.forward_full(
+                ids, mask, pos, cache, routing, self._prefill_gates, full_rows)
+        else:
+            (logits, gates), full = self.adapter.forward(
+                ids, mask, pos, cache, routing, self._prefill_gates), None
         _check_cache(cache)
         now = time.time()
         if gates is not None:
@@ -387,11 +542,26 @@ class EngineCore:
             if gates is not None:
                 r.gate_sum = sums[i].clone()
                 r.gate_tokens = r.n_real
+        if full is not None:
+            for j, i in enumerate(full_rows):
+                r = new[i]
+                p = list(r.req.prompt_ids)
+                # position t predicts token t + 1; the prompt's tokens sit at the right end
+                rows = full[j, length - len(p):length - 1]
+                entries = (token_logprobs(rows, p[1:], r.req.params.prompt_logprobs or 0)
+                           if len(p) > 1 else [])
+                r.prompt_logprobs = [None, *entries]
         self.stats.prefills += 1
         self.stats.prefill_rows += n
-        tokens = sample_next(logits, [r.req.params for r in new], [r.generator for r in new],
-                             [r.generated for r in new])
-        done = [i for i, (r, t) in enumerate(zip(new, tokens, strict=True)) if self._accept(r, t)]
+        done = [i for i, r in enumerate(new) if r.req.params.max_tokens == 0]
+        for i in done:  # echo with max_tokens 0: the prompt's log probabilities only
+            new[i].finish_reason = "length"
+            new[i].sink(Finished(self._result(new[i]), last_delta=new[i].tracker.finish()))
+        sampling = [i for i in range(n) if i not in set(done)]
+        if sampling:
+            rows_s = [new[i] for i in sampling]
+            tokens = self._sample(logits[sampling], rows_s)
+            done += [i for i, t in zip(sampling, tokens, strict=True) if self._accept(new[i], t)]
         keep = [i for i in range(n) if i not in set(done)]
         if not keep:
             return
@@ -409,6 +579,30 @@ class EngineCore:
             self._rows.extend(new)
         self._trim()
 
+    def _banned(self, r: _Row) -> tuple[int, ...]:
+        """Tokens the row may not pick yet: eos and stop token ids before ``min_tokens``."""
+        p = r.req.params
+        if len(r.generated) >= p.min_tokens:
+            return ()
+        return (*(() if p.ignore_eos else tuple(self.eos_ids)), *p.stop_token_ids)
+
+    def _sample(self, logits: torch.Tensor, rows: Sequence[_Row]) -> list[int]:
+        """One token per row, and (for rows that ask) its log probability and the best
+        alternatives, from the raw logits of the forward the engine ran."""
+        params = [r.req.params for r in rows]
+        banned = [self._banned(r) for r in rows] if any(p.min_tokens for p in params) else None
+        prompts = ([r.req.prompt_ids for r in rows]
+                   if any(p.repetition_penalty != 1.0 for p in params) else None)
+        tokens = sample_next(logits, params, [r.generator for r in rows],
+                             [r.generated for r in rows], prompts, banned)
+        asking = [i for i, r in enumerate(rows) if r.logprobs is not None]
+        if asking:
+            k = max(params[i].logprobs or 0 for i in asking)
+            entries = token_logprobs(logits[asking], [tokens[i] for i in asking], k)
+            for i, (t, lp, top) in zip(asking, entries, strict=True):
+                rows[i].logprobs.append((t, lp, top[:params[i].logprobs or 0]))
+        return tokens
+
     def _decode(self) -> None:
         assert self._mask is not None
         rows = self._rows
@@ -417,7 +611,7 @@ class EngineCore:
         mask = torch.cat([self._mask, self._mask.new_ones(b, 1)], dim=1)
         pos = torch.tensor([[r.n_real] for r in rows], dtype=torch.long)
         logits, gates = self.adapter.forward(ids, mask, pos, self._cache,
-                                             [r.expert_id for r in rows], self._decode_gates)
+                                             [r.routing for r in rows], self._decode_gates)
         self._mask = mask
         self.stats.decode_steps += 1
         self.stats.decode_rows += b
@@ -429,8 +623,7 @@ class EngineCore:
             if gates is not None and r.gate_sum is not None:
                 r.gate_sum += g[i]
                 r.gate_tokens += 1
-        tokens = sample_next(logits, [r.req.params for r in rows], [r.generator for r in rows],
-                             [r.generated for r in rows])
+        tokens = self._sample(logits, rows)
         done = [i for i, (r, t) in enumerate(zip(rows, tokens, strict=True)) if self._accept(r, t)]
         self._drop(done)
 
@@ -442,10 +635,12 @@ class EngineCore:
         first = not r.generated
         if token in self.eos_ids and not p.ignore_eos:
             r.finish_reason = "stop"
+        elif token in p.stop_token_ids:
+            r.finish_reason = "stop"
         else:
             r.generated.append(token)
             self.stats.tokens_out += 1
-            delta = r.tracker.add(token)
+            delta = r.tracker.add(token, check_stop=len(r.generated) >= p.min_tokens)
             if r.tracker.stopped:
                 r.finish_reason = "stop"
             elif len(r.generated) >= p.max_tokens:
@@ -455,13 +650,24 @@ class EngineCore:
             if r.finish_reason is None:
                 r.pending = token
                 if delta or first:
-                    r.sink(TokenDelta(delta, 1, first=first))
+                    r.sink(self._delta(r, delta, first))
                 return False
             if delta:
-                r.sink(TokenDelta(delta, 1, first=first))
+                r.sink(self._delta(r, delta, first))
         last = r.tracker.finish()
         r.sink(Finished(self._result(r), last_delta=last))
         return True
+
+    def _delta(self, r: _Row, text: str, first: bool) -> TokenDelta:
+        """A text delta with the log probabilities not handed out yet."""
+        ev = TokenDelta(text, 1, first=first)
+        if r.logprobs is not None:
+            ev.logprobs = r.logprobs[r.reported:]
+            r.reported = len(r.logprobs)
+        if r.prompt_logprobs is not None and not r.prompt_reported:
+            ev.prompt_logprobs = r.prompt_logprobs
+            r.prompt_reported = True
+        return ev
 
     def _result(self, r: _Row) -> GenerationResult:
         gates = None
@@ -479,10 +685,13 @@ class EngineCore:
             info["version"] = self.adapter.version
         if gates is not None:
             info["gates_over"] = self.gate_report
+        info["routing"] = r.req.route().report()
         return GenerationResult(
             text=r.tracker.text, finish_reason=r.finish_reason or "stop",
             prompt_tokens=len(r.req.prompt_ids), completion_tokens=len(r.generated),
-            gates=gates, domain=r.req.domain, info=info, token_ids=list(r.generated))
+            gates=gates, domain=r.req.domain, info=info, token_ids=list(r.generated),
+            logprobs=list(r.logprobs) if r.logprobs is not None else None,
+            prompt_logprobs=r.prompt_logprobs)
 
     def _drop(self, idx: Sequence[int]) -> None:
         if not idx:
@@ -588,7 +797,7 @@ class AsyncEngine:
     def adapter(self) -> ModelAdapter:
         return self.core.adapter
 
-    def submit(self, req: GenerationRequest, expert_id: int) -> RequestStream:
+    def submit(self, req: GenerationRequest, routing: RowRouting | int) -> RequestStream:
         """Queue a request (from the event loop); raises APIError for a request it refuses."""
         if self._closed:
             raise RuntimeError("the engine is closed")
@@ -604,7 +813,7 @@ class AsyncEngine:
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
                 loop.call_soon_threadsafe(self._deliver, _s, ev)
 
-        self.core.add(req, expert_id, sink)
+        self.core.add(req, routing, sink)
         self._streams[req.request_id] = stream
         assert self._wake is not None
         self._wake.set()

@@ -32,15 +32,19 @@ class TextTracker:
         self.text = ""  # decoded text of the generated tokens so far (complete characters)
         self.emitted = 0  # characters of `text` already handed out
         self.stopped = False  # a stop sequence was found; `text` is cut before it
+        self._checking = True  # stop sequences are looked for (min_tokens reached)
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True,
                                      clean_up_tokenization_spaces=False)
 
-    def add(self, token_id: int) -> str:
-        """Add one generated token; returns the text that may be sent now ('' if none)."""
+    def add(self, token_id: int, check_stop: bool = True) -> str:
+        """Add one generated token; returns the text that may be sent now ('' if none).
+        With `check_stop` False (before ``min_tokens``), stop sequences are not looked for and
+        nothing is held back; a later match never reaches into text already sent."""
         if self.stopped:
             return ""
+        self._checking = check_stop
         self._ids.append(int(token_id))
         prefix = self._decode(self._ids[self._prefix_offset:self._read_offset])
         full = self._decode(self._ids[self._prefix_offset:])
@@ -50,12 +54,13 @@ class TextTracker:
             self._read_offset = len(self._ids)
             before = len(self.text)
             self.text += new
-            if self.stop:
+            if self.stop and check_stop:
                 self._find_stop(before)
         return self._release()
 
     def _find_stop(self, before: int) -> None:
-        start = max(0, before - self._max_stop + 1)
+        # a match starts at or after the text already sent (what could begin a stop is held)
+        start = max(0, before - self._max_stop + 1, self.emitted)
         cut = None
         for s in self.stop:
             i = self.text.find(s, start)
@@ -67,7 +72,7 @@ class TextTracker:
 
     def _held(self) -> int:
         """Characters at the end of `text` that could begin a stop sequence."""
-        if self.stopped or not self.stop:
+        if self.stopped or not self.stop or not self._checking:
             return 0
         tail = self.text[-self._max_stop:] if self._max_stop else ""
         for k in range(min(len(tail), self._max_stop), 0, -1):
@@ -93,7 +98,7 @@ class TextTracker:
             before = len(self.text)
             self.text += full[len(prefix):]
             self._read_offset = len(self._ids)
-            if self.stop:
+            if self.stop and self._checking:
                 self._find_stop(before)
         if self.emitted >= len(self.text):
             return ""

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -105,16 +106,26 @@ def add_domain_cmd(
              "not needed for a built-in domain.")] = None,
     metric: Annotated[str, typer.Option(help="exact_match | accuracy | perplexity")] = "exact_match",
     name: Annotated[str | None, typer.Option(help="Registry name (default: serve.model_name).")] = None,
+    from_peft: Annotated[Path | None, typer.Option(
+        "--from-peft", help="Import the expert from a PEFT LoRA adapter directory "
+                            "(adapter_config.json + adapter_model.safetensors; variant flan) "
+                            "instead of training it; then only the routers train.")] = None,
+    any_base: Annotated[bool, typer.Option(
+        "--any-base", help="With --from-peft: accept an adapter whose base model name differs "
+                           "(the layer shapes are still checked).")] = False,
 ) -> None:
-    """Plug a new domain into the published model: its expert, then the routers; nothing else."""
+    """Plug a new domain into the published model: its expert (trained, or imported with
+    --from-peft), then the routers; nothing else."""
     cfg = load_config(config, set_)
     if metric not in METRICS:
         raise UsageError(f"--metric: {metric!r} is not allowed (allowed: {', '.join(METRICS)})")
+    if any_base and from_peft is None:
+        raise UsageError("--any-base goes with --from-peft")
     console = Console()
     console.rule(f"[bold]modula add-domain {domain}")
     with ray_session(cfg.cluster):
         version, costs = add_domain(cfg, domain, data=data, name=name, console=console,
-                                    metric=metric)
+                                    metric=metric, from_peft=from_peft, any_base=any_base)
     console.print(cost_table(costs, f"cost of adding {domain!r} (v{version.version})"))
 
 

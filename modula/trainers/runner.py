@@ -28,10 +28,18 @@ from modula.data.encode import tokenized_dataset
 from modula.data.io import read_dataset
 from modula.data.tokenizer import load_tokenizer
 from modula.infra.connect import connect
+from modula.infra.files import sha256_file
 from modula.infra.layout import TRAIN_RUNS, expert_file, published_name, workspace_key
 from modula.infra.registry import ExpertSpec, Registry
 from modula.infra.storage import Storage
-from modula.model import attach_modula, load_expert, save_experts
+from modula.model import (
+    attach_modula,
+    import_peft,
+    load_expert,
+    load_modula,
+    save_expert,
+    save_experts,
+)
 from modula.trainers.classifier import CLASSIFY_KEY, classifier_dataset
 from modula.trainers.common import EXPERTS_DIR, PlanError, StageError
 from modula.trainers.loop import adapter_loop
@@ -307,8 +315,11 @@ def train(cfg: ModulaConfig, stage: str = "all", storage: Storage | None = None,
 def publish(cfg: ModulaConfig, storage: Storage | None = None, name: str | None = None,
             variant: str | None = None, costs: list[RunCost] | None = None,
             console: Any | None = None, base_version: int | None = None,
-            domains: list[str] | None = None) -> Any:
-    """Assemble the workspace's experts into a complete experts directory and publish it."""
+            domains: list[str] | None = None,
+            extra_metadata: dict[str, Any] | None = None) -> Any:
+    """Assemble the workspace's experts into a complete experts directory and publish it
+    (`extra_metadata` goes into the version's metadata, e.g. where an imported expert came
+    from)."""
     console = console or Console()
     storage = storage or Storage(cfg.storage)
     variant = variant or cfg.modula.variant
@@ -357,7 +368,8 @@ def publish(cfg: ModulaConfig, storage: Storage | None = None, name: str | None 
                       "variant": variant, "domains": manifest["domains"],
                       "config": {"modula": cfg.modula.model_dump(mode="json"),
                                  "stages": cfg.stages.model_dump(mode="json")},
-                      "runs": [c.to_dict() for c in run_costs.values()]},
+                      "runs": [c.to_dict() for c in run_costs.values()],
+                      **(extra_metadata or {})},
             experts=specs, base_version=base_version,
         )
     console.print(f"published {version.model} v{version.version} "
@@ -379,12 +391,67 @@ def _stored_costs(storage: Storage, work_key: str) -> dict[str, dict[str, Any]]:
 # ------------------------------------------------------------------------------------ add-domain
 
 
+def _base_names(cfg: ModulaConfig, storage: Storage, base: Any, published: str | None
+                ) -> set[str]:
+    """The names this model's base goes by: the config's ``model.base``, the published id,
+    the local directory and the HF config's ``_name_or_path`` (each also by its last path
+    part, lower-cased)."""
+    names = {cfg.model.base, published or "", str(resolve_base_dir(cfg, storage)),
+             str(getattr(getattr(base, "config", None), "_name_or_path", "") or "")}
+    out = set()
+    for n in names:
+        n = n.rstrip("/")
+        if n:
+            out |= {n, n.rsplit("/", 1)[-1].lower()}
+    return out
+
+
+def import_peft_expert(cfg: ModulaConfig, storage: Storage, local: Any, domain: str,
+                       adapter_dir: str | os.PathLike[str], dest: Path,
+                       any_base: bool = False) -> dict[str, Any]:
+    """Turn a PEFT LoRA adapter directory into the expert file of the new domain `domain` of
+    the fetched version `local`, at `dest`; returns where it came from. Refused with a clear
+    message (nothing written): another variant than Flan, a pickle instead of safetensors, an
+    adapter for another base model (by name, unless `any_base`) or for other layer shapes."""
+    if cfg.modula.variant != "flan":
+        raise PlanError(f"--from-peft needs variant flan, not {cfg.modula.variant!r}: a "
+                        "MoDULA-Res domain expert reads the universal expert's output through "
+                        "a LeakyReLU, which a PEFT LoRA adapter (B A x) is not")
+    adapter_dir = Path(adapter_dir)
+    try:
+        pcfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise PlanError(f"--from-peft {adapter_dir}: no readable adapter_config.json ({exc})"
+                        ) from None
+    base, _ = load_base_model(cfg, storage)
+    mv = local.manifest
+    theirs = str(pcfg.get("base_model_name_or_path") or "").rstrip("/")
+    ours = _base_names(cfg, storage, base, mv.base_model.id if mv.base_model else None)
+    if theirs and not any_base and theirs not in ours and \
+            theirs.rsplit("/", 1)[-1].lower() not in ours:
+        raise PlanError(f"--from-peft {adapter_dir}: the adapter was trained on base model "
+                        f"{theirs!r}, this model's base is {cfg.model.base!r}; if they are "
+                        "the same model under another name, pass --any-base")
+    model = load_modula(base, local.path)
+    try:
+        import_peft(model, adapter_dir, domain)
+    except ValueError as exc:
+        raise PlanError(f"--from-peft: {exc}") from None
+    info = save_expert(model, domain, dest)
+    weights = adapter_dir / "adapter_model.safetensors"
+    return {"path": str(adapter_dir.resolve()), "base_model_name_or_path": theirs or None,
+            "r": pcfg.get("r"), "lora_alpha": pcfg.get("lora_alpha"),
+            "adapter_sha256": sha256_file(weights), "expert_sha256": info["sha256"]}
+
+
 def add_domain(cfg: ModulaConfig, domain: str, data: str | None = None,
                storage: Storage | None = None, name: str | None = None,
                console: Any | None = None, show_progress: bool = True,
-               metric: str = "exact_match") -> tuple[Any, list[RunCost]]:
-    """Plug a new domain into the published model: train its expert (stage 2) and the routers
-    (stage 3) only, then publish on top of the latest version. Old experts are not touched."""
+               metric: str = "exact_match", from_peft: str | os.PathLike[str] | None = None,
+               any_base: bool = False) -> tuple[Any, list[RunCost]]:
+    """Plug a new domain into the published model: train its expert (stage 2), or import it
+    from a PEFT LoRA adapter (`from_peft`), then train the routers (stage 3) only, and publish
+    on top of the latest version. Old experts are not touched."""
     console = console or Console()
     storage = storage or Storage(cfg.storage)
     variant = cfg.modula.variant
@@ -405,7 +472,10 @@ def add_domain(cfg: ModulaConfig, domain: str, data: str | None = None,
                        for d in cfg.domains]
     else:
         if data is None:
-            raise PlanError(f"domain {domain!r} is not in the config: give its data with --data")
+            why = " (the routers learn from it when to pick the imported expert)" \
+                if from_peft is not None else ""
+            raise PlanError(f"domain {domain!r} is not in the config: give its data with "
+                            f"--data{why}")
         try:
             new = DomainConfig(name=domain, source=data, metric=metric)
         except ValidationError as exc:
@@ -418,17 +488,27 @@ def add_domain(cfg: ModulaConfig, domain: str, data: str | None = None,
 
     # the workspace starts as exactly the published experts
     work_key = workspace_key(cfg, name, variant)
+    imported = None
     with tempfile.TemporaryDirectory(prefix="modula-add-") as tmp:
         local = registry.fetch(rname, latest.version, Path(tmp) / "latest")
+        if from_peft is not None:  # checked before anything is written
+            target = Path(tmp) / expert_file(domain)
+            imported = import_peft_expert(cfg, storage, local, domain, from_peft, target,
+                                          any_base)
         for n, e in local.manifest.experts.items():
             if n not in ("routers", CLASSIFIER):  # both retrain with the new domain
                 storage.upload_file(local.path / e.file, f"{work_key}/{expert_file(n)}")
+        if imported is not None:
+            storage.upload_file(target, f"{work_key}/{expert_file(domain)}")
+            console.print(f"imported {domain!r} from the PEFT adapter {from_peft}")
     costs: list[RunCost] = []
-    (expert_run,) = stage_runs(cfg, "domains", domains=[domain], name=name)
-    expert_run = StageRun(**{**expert_run.__dict__, "domains": tuple(new_order)})
-    costs += run_stage(cfg, [expert_run], storage, name, console, show_progress)
+    if imported is None:
+        (expert_run,) = stage_runs(cfg, "domains", domains=[domain], name=name)
+        expert_run = StageRun(**{**expert_run.__dict__, "domains": tuple(new_order)})
+        costs += run_stage(cfg, [expert_run], storage, name, console, show_progress)
     (router_run,) = stage_runs(cfg, "router", domains=new_order, name=name)
     costs += run_stage(cfg, [router_run], storage, name, console, show_progress)
     version = publish(cfg, storage, name=name, variant=variant, costs=costs, console=console,
-                      base_version=latest.version, domains=new_order)
+                      base_version=latest.version, domains=new_order,
+                      extra_metadata={"imported": {domain: imported}} if imported else None)
     return version, costs
