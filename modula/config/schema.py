@@ -674,6 +674,11 @@ class ServeConfig(_Section):
     # which tokens the reported mean gate weights cover: the prompt (free: captured in the
     # prefill forward), every token (prompt + generated: a capture in every decode step), none
     gate_report: Literal["prompt", "all", "off"] = "prompt"
+    # torch intra-op threads of each model replica (experts, router), set with
+    # torch.set_num_threads when it starts; None = its resources.num_cpus (at least 1)
+    threads: Annotated[int, Field(ge=1, le=1024)] | None = None
+    # torch inter-op threads of each model replica; None = torch's default
+    interop_threads: Annotated[int, Field(ge=1, le=1024)] | None = None
 
     @field_validator("api_keys", mode="before")
     @classmethod

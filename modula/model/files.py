@@ -442,6 +442,7 @@ def _read_all(
 
 
 def _copy_into(model: ModulaModel, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    model.release_inference()  # new weights: what was derived from the old ones goes
     with torch.no_grad():
         for key, target in _expert_tensors(model, name).items():
             target.copy_(tensors[key].to(dtype=target.dtype, device=target.device))
