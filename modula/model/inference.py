@@ -257,7 +257,7 @@ def prepare_groups(layers: dict[str, ModulaLinear], fuse_siblings: bool = True
     base, each base weight becomes a view of its group's matrix (no second copy)."""
     taken: set[str] = set()
     groups: list[PreparedGroup] = []
-    for path, layer in layers.items():
+    for path in layers:
         if path in taken:
             continue
         members = [path]
