@@ -265,3 +265,47 @@ def test_precomputed_shrink_gives_the_same_values_and_gradients(kind):
         torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="shrunk must be"):
         expert_mixture(x, stack_experts(A, B, scal), residual=residual, shrunk=torch.ones(2, 2))
+
+
+# ---- the fused inference path (kernels/fused.py) ------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["mixture", "flan", "res", "resn"])
+@pytest.mark.parametrize("fuse_base", [True, False])
+def test_fused_members_equal_reference_each(kind, fuse_base):
+    """Three linears of different widths reading one input, fused (with or without their base
+    and biases in the GEMM), against each member's W0 x + b + reference mixture."""
+    from modula.kernels.fused import FusedMember, fuse_linears, fused_forward
+
+    rows, per_row, d_in, n = 3, 5, 19, 4
+    x = torch.randn(rows, per_row, d_in, generator=torch.Generator().manual_seed(2))
+    x2 = x.reshape(-1, d_in)
+    members, bases, want = [], [], []
+    for j, d_out in enumerate((23, 11, 11)):
+        _, A, B, scal, residual, _ = make_case(40 + j, kind, n, rows * per_row, d_in, d_out,
+                                               rows=rows)
+        stack = stack_experts([a.detach() for a in A], [b.detach() for b in B], scal)
+        if residual is not None:
+            residual = Residual(residual.A.detach(), residual.B.detach(), residual.scaling,
+                                residual.norm_eps)
+        W0 = torch.randn(d_out, d_in)
+        bias = torch.randn(d_out) if j != 1 else None
+        router = torch.randn(n, d_in)
+        gates = torch.softmax(x @ router.t(), -1)
+        base = x2 @ W0.t() + (bias if bias is not None else 0)
+        delta = expert_mixture(x, stack, gates=gates, residual=residual, backend="reference")
+        want.append(base.view(rows, per_row, d_out) + delta)
+        bases.append(base)
+        members.append(FusedMember(W0 if fuse_base else None, bias if fuse_base else None,
+                                   residual, stack, router, res_domains=residual is not None))
+    f = fuse_linears(members, 0.01)
+    outs, used = fused_forward(f, x2, (rows, per_row), lambda lg: torch.softmax(lg, -1),
+                               None if fuse_base else bases)
+    for got, ref in zip(outs, want, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert used.shape == (rows, per_row, 3, n)
+    bad = members[1]._replace(router=torch.randn(n + 1, d_in))
+    with pytest.raises(ValueError, match="router rows"):
+        fuse_linears([members[0], bad])
+    with pytest.raises(ValueError, match="share their input width"):
+        fuse_linears([members[0], members[1]._replace(router=None)])

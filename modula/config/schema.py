@@ -707,6 +707,11 @@ class ServeConfig(_Section):
     # logged and listed in the response's modula.ignored_fields) or `refuse` it with a 400
     # (the official API's choice)
     unknown_fields: Literal["ignore", "refuse"] = "ignore"
+    # torch intra-op threads of each model replica (experts, router), set with
+    # torch.set_num_threads when it starts; None = its resources.num_cpus (at least 1)
+    threads: Annotated[int, Field(ge=1, le=1024)] | None = None
+    # torch inter-op threads of each model replica; None = torch's default
+    interop_threads: Annotated[int, Field(ge=1, le=1024)] | None = None
 
     @field_validator("api_keys", mode="before")
     @classmethod

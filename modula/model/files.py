@@ -470,6 +470,7 @@ def _copy_into(model: ModulaModel, name: str, tensors: dict[str, torch.Tensor]) 
     if name == "classifier" and model.request_router is None:
         raise ExpertFileError(f"the model has no request router to load a classifier into "
                               f"(variant {model.variant!r})")
+    model.release_inference()  # new weights: what was derived from the old ones goes
     with torch.no_grad():
         for key, target in _expert_tensors(model, name).items():
             target.copy_(tensors[key].to(dtype=target.dtype, device=target.device))

@@ -16,7 +16,8 @@ extra arguments.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -82,7 +83,9 @@ class LayerState:
     ``ModulaModel.forward``): ``row_ids``, a domain index or -1; ``row_fixed`` / ``row_weights``,
     rows whose gates are given rather than learned, and those gates (rows, n_gates);
     ``row_mask``, the gate columns the router may use per row (rows, n_gates).
-    ``router_rows``: whether any row still follows the learned router.
+    ``router_rows``: whether any row still follows the learned router. ``generation`` counts
+    changes of all this (``changed``), so what a prepared model derives from it per call
+    (``plans``, see :mod:`modula.model.inference`) is derived once per call.
     """
 
     backend: str = "auto"
@@ -99,6 +102,13 @@ class LayerState:
     # the router gates of the routed path, with their graph (router supervision, training)
     collect: list[Tensor] | None = None
     disabled: bool = False
+    generation: int = 0
+    plans: dict[Any, Any] = field(default_factory=dict)
+
+    def changed(self) -> None:
+        """The routing of the next forward changed: forget what was derived from the old."""
+        self.generation += 1
+        self.plans.clear()
 
 
 class ModulaLinear(nn.Module):
@@ -130,6 +140,8 @@ class ModulaLinear(nn.Module):
         self.name = name
         self._state = state
         self._stack_cache: tuple[tuple, tuple[ExpertStack, Tensor]] | None = None
+        # (group, index) once the model is prepared for inference (modula.model.inference)
+        self._prepared: tuple[Any, int] | None = None
         weight = base_layer.weight
         factory = {"dtype": dtype or weight.dtype, "device": weight.device}
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
@@ -258,11 +270,16 @@ class ModulaLinear(nn.Module):
     # ---- forward -----------------------------------------------------------------------
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        st = self._state
+        prepared = self._prepared
+        if (prepared is not None and not st.disabled and st.path == "routed"
+                and st.backend in ("auto", "stacked") and not self.training and not args
+                and not kwargs and prepared[0].usable(x)):
+            return prepared[0].forward(prepared[1], x)
         lead = x.shape[:-1]
         # the base runs on the flat input so its output is a plain tensor: accumulating the
         # experts into it in place then costs no copy in backward (a view would)
         result = self.base_layer(x.reshape(-1, x.shape[-1]), *args, **kwargs)
-        st = self._state
         if st.disabled:
             return result.view(*lead, -1)
         dtype = self.adapter_dtype
@@ -302,7 +319,7 @@ class ModulaLinear(nn.Module):
                 ).to(dtype)
         elif not (self.variant == "res" and len(self.experts) == 0):
             experts, shared = self._full_stack()
-            ids = self._pins(x)
+            ids = self._pins(x.shape[0], x.dim(), x.device)
             if ids is None or not st.rows_all_pinned:
                 mask = self._row_view(st.row_mask, lead) if st.row_mask is not None else None
                 if st.forced == UNIVERSAL or not st.router_rows:
@@ -355,32 +372,32 @@ class ModulaLinear(nn.Module):
             out = result + out.reshape(result.shape).to(result.dtype)
         return out.view(*lead, -1)
 
-    def _pins(self, x: Tensor) -> Tensor | None:
-        """Per row of ``x``: the pinned expert's column in the stack, or -1 (use the gates).
-        A forced domain fills the rows that neither pin an expert nor fix their gates."""
+    def _pins(self, rows: int, dim: int, device: torch.device) -> Tensor | None:
+        """Per row of an input of ``rows`` rows and ``dim`` dimensions: the pinned expert's
+        column in the stack, or -1 (use the gates). A forced domain fills the rows that neither
+        pin an expert nor fix their gates."""
         st = self._state
         offset = 1 if self.variant == "flan" else 0
-        rows = x.shape[0]
         fills = st.forced is not None and (
             st.forced >= 0 or (st.forced == UNIVERSAL and self.variant == "flan"))
         if st.row_ids is None and not fills:
             return None
         if st.row_ids is None:
-            ids = torch.full((rows,), -1, dtype=torch.long, device=x.device)
+            ids = torch.full((rows,), -1, dtype=torch.long, device=device)
         else:
             ids = st.row_ids
             if ids.shape[0] != rows:
-                if x.dim() < 3 or rows % ids.shape[0] != 0:
+                if dim < 3 or rows % ids.shape[0] != 0:
                     raise ValueError(
                         f"expert_ids has {ids.shape[0]} rows but the layer input has {rows}"
                     )
                 ids = ids.repeat_interleave(rows // ids.shape[0])  # beams / returned sequences
-            ids = ids.to(x.device)
+            ids = ids.to(device)
             ids = torch.where(ids >= 0, ids + offset, ids)
         if fills:
             free = ids < 0
             if st.row_fixed is not None:
-                fixed = st.row_fixed.to(x.device)
+                fixed = st.row_fixed.to(device)
                 if fixed.shape[0] != rows:
                     fixed = fixed.repeat_interleave(rows // fixed.shape[0])
                 free = free & ~fixed

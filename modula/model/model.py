@@ -18,6 +18,7 @@ from modula.config.names import DOMAIN_NAME_RE, RESERVED_EXPERT_NAMES
 from modula.config.schema import ModulaLayerConfig
 from modula.kernels import BACKENDS
 
+from .inference import prepare_groups, release_groups
 from .layer import UNIVERSAL, LayerState, ModulaLinear
 from .request_router import RequestRouter, request_gate_weights
 from .targets import default_targets, find_targets
@@ -90,6 +91,7 @@ class ModulaModel(nn.Module):
         self._stage: str | None = None
         self._captured: dict[str, list[Tensor]] | None = None
         self._requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
+        self._prepared: list = []
         paths = find_targets(model, self.target_modules)
         for p in model.parameters():
             p.requires_grad_(False)
@@ -203,6 +205,7 @@ class ModulaModel(nn.Module):
                 trainable = [lyr.router for lyr in layers]
             else:  # joint
                 trainable = [m for lyr in layers for m in (lyr.universal, lyr.router, *lyr.experts.values()) if m is not None]
+        self.release_inference()  # a stage trains: the derived weights would go stale
         for p in self.parameters():
             p.requires_grad_(False)
         for module in trainable:
@@ -211,6 +214,7 @@ class ModulaModel(nn.Module):
         self._stage = stage
         self._state.path = path
         self._state.path_domain = path_domain
+        self._state.changed()
 
     def trainable_parameter_count(self) -> int:
         """Parameters that the current stage trains (the cost accounting of a run)."""
@@ -239,6 +243,7 @@ class ModulaModel(nn.Module):
         _check_domain_name(name)
         if name in self._domains:
             raise ValueError(f"domain {name!r} already exists")
+        self.release_inference()
         for lyr in self.modula_layers().values():
             lyr.add_expert(name)
         if self.request_router is not None:
@@ -252,6 +257,7 @@ class ModulaModel(nn.Module):
             raise ValueError(f"unknown domain {name!r} (domains: {', '.join(self._domains) or 'none'})")
         if self.variant == "molora" and len(self._domains) == 1:
             raise ValueError("variant 'molora' needs at least one domain expert")
+        self.release_inference()
         for lyr in self.modula_layers().values():
             lyr.remove_expert(name)
         if self.request_router is not None:
@@ -284,6 +290,7 @@ class ModulaModel(nn.Module):
             )
         self._forced = name
         self._state.forced = index
+        self._state.changed()
 
     @property
     def forced_domain(self) -> str | None:
@@ -354,12 +361,14 @@ class ModulaModel(nn.Module):
         st.row_weights = weights if st.row_fixed is not None else None
         st.row_mask = mask
         st.router_rows = bool(free.any()) and not fills
+        st.changed()
         try:
             yield
         finally:
             st.row_ids, st.rows_all_pinned = None, False
             st.row_fixed = st.row_weights = st.row_mask = None
             st.router_rows = True
+            st.changed()
 
     def forward(self, *args, expert_ids: Tensor | list[int] | None = None,
                 expert_weights: Tensor | None = None, expert_mask: Tensor | None = None,
@@ -428,6 +437,37 @@ class ModulaModel(nn.Module):
                              "(it fits the classifier) or load a model published with one")
         return rr
 
+    # ---- inference representation ----------------------------------------------------
+
+    def prepare_inference(self, *, fuse_siblings: bool = True) -> None:
+        """Derive the inference representation once for the current weights
+        (:mod:`modula.model.inference`): per group of adapted linears reading the same input
+        (``q/k/v``, ``gate/up``; ``fuse_siblings``), one fused matrix with the base weights,
+        the experts' derived shrinks and the routers, and the expand matrices with their
+        scalings. Inference forwards (eval mode, no gradient, kernel ``auto`` or ``stacked``)
+        then take the fused path; training, ``reference`` and ``triton`` take the general one.
+
+        Only at inference (``set_stage(None)``). Loading experts, a stage, adding or removing
+        a domain release it; call again after editing weights in place by hand. The fused
+        base weights are shared with the base layers (views), not copied."""
+        if self._stage is not None:
+            raise ValueError(f"prepare_inference needs the inference stage (set_stage(None)), "
+                             f"not {self._stage!r}")
+        self.release_inference()
+        self._prepared = prepare_groups(self.modula_layers(), fuse_siblings=fuse_siblings)
+        self._state.changed()
+
+    def release_inference(self) -> None:
+        """Drop the inference representation (forwards take the general path)."""
+        if getattr(self, "_prepared", None):
+            release_groups(self.modula_layers())
+            self._state.changed()
+        self._prepared = []
+
+    @property
+    def inference_prepared(self) -> bool:
+        return bool(self._prepared)
+
     @contextmanager
     def disable_adapters(self) -> Iterator[None]:
         """Run the bare base model (for comparisons against the base)."""
@@ -446,10 +486,12 @@ class ModulaModel(nn.Module):
         Costs a detached (batch, seq, n_experts) tensor per layer per forward."""
         self._state.capture = {}
         self._captured = self._state.capture
+        self._state.changed()
         try:
             yield self
         finally:
             self._state.capture = None
+            self._state.changed()
 
     @contextmanager
     def collect_router_gates(self) -> Iterator[list[Tensor]]:
@@ -489,6 +531,7 @@ class ModulaModel(nn.Module):
 
     def unload(self) -> nn.Module:
         """Put the original linear layers back and return the plain base model."""
+        self.release_inference()
         for path, lyr in self.modula_layers().items():
             parent_name, _, child = path.rpartition(".")
             parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model

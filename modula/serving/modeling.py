@@ -34,6 +34,7 @@ __all__ = [
     "ModelUnavailable",
     "RoutingModel",
     "configure_torch",
+    "replica_threads",
     "load_tokenizer",
     "modula_adapter",
 ]
@@ -45,10 +46,24 @@ class ModelUnavailable(ModulaError, RuntimeError):
     """There is nothing to serve yet (no base model, or no published version)."""
 
 
+def replica_threads(cfg: ModulaConfig) -> int:
+    """torch intra-op threads of a model replica: ``serve.threads``, else its CPUs."""
+    return cfg.serve.threads or max(1, round(cfg.serve.resources.num_cpus))
+
+
 def configure_torch(cfg: ModulaConfig) -> None:
-    """Intra-op threads = the replica's CPUs (Ray's OMP default can be 1 thread or all cores)."""
-    n = max(1, round(cfg.serve.resources.num_cpus))
-    torch.set_num_threads(n)
+    """A model replica's torch threads, explicit (Ray's OMP default can be 1 thread or all
+    cores): intra-op ``serve.threads`` (default: the replica's CPUs), inter-op
+    ``serve.interop_threads`` when set (only before the process's first parallel work; a
+    replica that cannot change it any more keeps torch's and says so)."""
+    torch.set_num_threads(replica_threads(cfg))
+    interop = cfg.serve.interop_threads
+    if interop is not None and torch.get_num_interop_threads() != interop:
+        try:
+            torch.set_num_interop_threads(interop)
+        except RuntimeError as exc:
+            log.warning("serve.interop_threads=%d not applied (%s); torch keeps %d", interop,
+                        exc, torch.get_num_interop_threads())
 
 
 def load_tokenizer(cfg: ModulaConfig) -> Any:
@@ -80,6 +95,7 @@ def modula_adapter(model: Any, *, version: Any = None, info: dict[str, Any] | No
     model.eval()
     model.set_stage(None)
     model.force_domain(None)
+    model.prepare_inference()  # the fused inference weights, derived once for this version
     names = list(model.expert_names)
     domains = list(model.domains)
     return ModelAdapter(
