@@ -36,6 +36,7 @@ __all__ = [
     "configure_torch",
     "load_tokenizer",
     "modula_adapter",
+    "replica_placement",
 ]
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,30 @@ def configure_torch(cfg: ModulaConfig) -> None:
     """Intra-op threads = the replica's CPUs (Ray's OMP default can be 1 thread or all cores)."""
     n = max(1, round(cfg.serve.resources.num_cpus))
     torch.set_num_threads(n)
+
+
+def replica_placement(cfg: ModulaConfig, on_gpu: bool | None = None) -> tuple[str, torch.dtype]:
+    """Where a replica runs its model and in which dtype. An expert replica with a GPU
+    (``serve.resources.num_gpus > 0``) runs on ``cuda`` in ``serve.dtype`` (``auto``:
+    bfloat16), where ``modula.kernel: auto`` picks the Triton kernels; a CPU replica in
+    ``serve.dtype`` (``auto``: ``model.dtype``). ``on_gpu=False``: a replica without a GPU
+    whatever the config says (the Router)."""
+    s = cfg.serve
+    gpu = s.on_gpu if on_gpu is None else on_gpu
+    if s.dtype != "auto":
+        dtype = s.dtype
+    else:
+        dtype = "bfloat16" if gpu else cfg.model.dtype
+    return ("cuda" if gpu else "cpu"), getattr(torch, dtype)
+
+
+def _place(model: Any, device: str, dtype: torch.dtype) -> None:
+    """Move ``model`` to ``device`` and its floating parameters to ``dtype``; buffers keep
+    their dtype (rotary frequencies stay float32, as Hugging Face loads them)."""
+    model.to(device)
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
 
 
 def load_tokenizer(cfg: ModulaConfig) -> Any:
@@ -99,8 +124,9 @@ class ModelSource:
     """
 
     def __init__(self, cfg: ModulaConfig, group: Sequence[str] | None = None,
-                 extra_domains: bool = True):
+                 extra_domains: bool = True, on_gpu: bool | None = None):
         self.cfg = cfg
+        self.device, self.dtype = replica_placement(cfg, on_gpu)
         self.group = list(group) if group is not None else None
         self.extra_domains = extra_domains
         self.base_only = cfg.serve.base_only
@@ -139,12 +165,18 @@ class ModelSource:
     def load(self, version: int | None) -> ModelAdapter:
         """The base model with the experts of `version` (the base alone with ``base_only``)."""
         with self._lock:
+            if self.device == "cuda" and not torch.cuda.is_available():
+                raise ModelUnavailable(
+                    "serve.resources.num_gpus > 0, but this replica sees no CUDA device "
+                    "(torch.cuda.is_available() is false)")
             try:
+                # in model.dtype: the base the experts were published against (fingerprint)
                 base, _ = load_base_model(self.cfg)
             except BaseModelMissing as exc:
                 raise ModelUnavailable(str(exc)) from None
             base.requires_grad_(False)
             if self.base_only:
+                _place(base, self.device, self.dtype)
                 return ModelAdapter(base, version=None,
                                     info={"base_model": self.cfg.model.base, "adapters": False})
             if version is None:
@@ -154,7 +186,8 @@ class ModelSource:
             t0 = time.perf_counter()
             dest = self._cache_root / self.model_name / f"v{version}"
             local = self.registry.fetch(self.model_name, version, dest)
-            model = load_modula(base, local.path)
+            model = load_modula(base, local.path, adapter_dtype=self.dtype)
+            _place(model, self.device, self.dtype)
             if self.cfg.modula.kernel != "auto":
                 model.kernel_backend = self.cfg.modula.kernel
             for d in list(model.domains):
@@ -188,7 +221,7 @@ class RoutingModel:
 
     def __init__(self, cfg: ModulaConfig):
         self.cfg = cfg
-        self.source = ModelSource(cfg)
+        self.source = ModelSource(cfg, on_gpu=False)  # the Router's replicas hold no GPU
         self.adapter = self.source.load(self.source.latest_version())
         self._checked = time.monotonic()
 
