@@ -47,6 +47,7 @@ __all__ = [
     "ModelAdapter",
     "RequestStream",
     "TokenDelta",
+    "modula_adapter",
 ]
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,38 @@ class ModelAdapter:
             out, gates = self.model(**kw), None
         logits = out.logits if hasattr(out, "logits") else out[0]
         return logits[:, -1, :].float().cpu(), gates
+
+
+def _gate_fn(model: Any):
+    """Runs a forward with gate capture; returns (output, gates averaged over layers)."""
+
+    def run(forward):
+        with model.capture_gates():
+            out = forward()
+            gates = model.gate_weights()
+        if not gates:
+            return out, None
+        stacked = torch.stack([g.float() for g in gates.values()])  # (L, B, S, E)
+        return out, stacked.mean(0)
+
+    return run
+
+
+def modula_adapter(model: Any, *, version: Any = None, info: dict[str, Any] | None = None
+                   ) -> ModelAdapter:
+    """A :class:`ModelAdapter` over a MoDULA model (``attach_modula`` / ``load_modula``): what
+    a replica serves, and what ``benchmarks/gpu_check.py`` measures."""
+    model.eval()
+    model.set_stage(None)
+    model.force_domain(None)
+    names = list(model.expert_names)
+    domains = list(model.domains)
+    return ModelAdapter(
+        model, hf_model=model.base_model, domains=domains,
+        gate_names=names or None, gate_fn=_gate_fn(model) if names else None,
+        takes_expert_ids=bool(domains), version=version,
+        info={"variant": model.variant, **(info or {})},
+    )
 
 
 # ------------------------------------------------------------------------------------ cache

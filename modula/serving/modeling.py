@@ -27,7 +27,7 @@ from modula.infra.layout import cache_dir, registry_model_name
 from modula.infra.registry import Registry
 from modula.model import load_modula
 from modula.serving import topology
-from modula.serving.engine import ModelAdapter
+from modula.serving.engine import ModelAdapter, modula_adapter
 
 __all__ = [
     "ModelSource",
@@ -82,37 +82,6 @@ def load_tokenizer(cfg: ModulaConfig) -> Any:
         return load_base_tokenizer(cfg)
     except BaseModelMissing as exc:
         raise ModelUnavailable(str(exc)) from None
-
-
-def _gate_fn(model: Any):
-    """Runs a forward with gate capture; returns (output, gates averaged over layers)."""
-
-    def run(forward):
-        with model.capture_gates():
-            out = forward()
-            gates = model.gate_weights()
-        if not gates:
-            return out, None
-        stacked = torch.stack([g.float() for g in gates.values()])  # (L, B, S, E)
-        return out, stacked.mean(0)
-
-    return run
-
-
-def modula_adapter(model: Any, *, version: Any = None, info: dict[str, Any] | None = None
-                   ) -> ModelAdapter:
-    """A :class:`ModelAdapter` over a MoDULA model (``attach_modula`` / ``load_modula``)."""
-    model.eval()
-    model.set_stage(None)
-    model.force_domain(None)
-    names = list(model.expert_names)
-    domains = list(model.domains)
-    return ModelAdapter(
-        model, hf_model=model.base_model, domains=domains,
-        gate_names=names or None, gate_fn=_gate_fn(model) if names else None,
-        takes_expert_ids=bool(domains), version=version,
-        info={"variant": model.variant, **(info or {})},
-    )
 
 
 class ModelSource:

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from modula.basemodel import check_base_model
 from modula.config.loader import load_config
 from modula.config.options import ConfigOpt, SetOpt
 from modula.errors import UsageError
@@ -89,6 +90,7 @@ def train_cmd(
     cfg = load_config(config, set_)
     if stage not in STAGE_CHOICES:
         raise UsageError(f"--stage: {stage!r} is not allowed (allowed: {', '.join(STAGE_CHOICES)})")
+    check_base_model(cfg)  # a base the engine cannot serve stops here, before Ray starts
     console = Console()
     console.rule(f"[bold]modula train --stage {stage}")
     with ray_session(cfg.cluster):
@@ -110,6 +112,7 @@ def add_domain_cmd(
     cfg = load_config(config, set_)
     if metric not in METRICS:
         raise UsageError(f"--metric: {metric!r} is not allowed (allowed: {', '.join(METRICS)})")
+    check_base_model(cfg)
     console = Console()
     console.rule(f"[bold]modula add-domain {domain}")
     with ray_session(cfg.cluster):

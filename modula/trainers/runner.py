@@ -221,8 +221,8 @@ def run_stage(cfg: ModulaConfig, runs: list[StageRun], storage: Storage | None =
     """
     console = console or Console()
     storage = storage or Storage(cfg.storage)
-    connect(cfg.cluster)
     check_base_model(cfg, storage)
+    connect(cfg.cluster)
     needed = sorted({d for r in runs for d in r.data})
     ensure_data(cfg, storage, needed)
     tok_dir = resolve_base_dir(cfg, storage)
