@@ -1,11 +1,13 @@
 """Base model families end to end: a tiny random model of each family, saved locally with a
-tokenizer built here, is trained (universal -> domain -> router on Ray Train), published, and
-serves a request. Families the engine cannot serve are refused up front, with the reason.
+tokenizer built here, is trained on Ray Train, published, and serves a request. Families the
+engine cannot serve are refused up front, with the reason.
 
-Serving goes through the replica's own code (``ModelSource`` loading the registry's latest
-version, the continuous-batching engine) in-process for most families, which is what an
-``Experts`` replica runs; Qwen2 goes through the real ``modula serve`` HTTP path too. A Serve
-deployment per family would add ~20 s each for the same replica code.
+Cost: Qwen2 goes through everything (MoDULA-Res's three stages, then the real ``modula serve
+--detach`` and an OpenAI request over HTTP). The other families train one Ray Train run each
+(``modula.variant: molora``: every expert and the routers jointly, the mixture in the path) and
+serve through the replica's own code in-process (``ModelSource`` loading the registry's latest
+version, the continuous-batching engine, token for token against HF generate): a Serve
+deployment and three runs per family would add minutes each for the same code paths.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def family_config(name: str):
     raise KeyError(name)
 
 
-def config(root, base, family: str, switches: bool, **serve):
+def config(root, base, family: str, switches: bool, variant: str, **serve):
     stage = {"steps": 2, "batch_size": 2, "warmup_steps": 1, "checkpoint_every": 2,
              "max_failures": 0, "scaling": {"num_workers": 1, "cpus_per_worker": 1}}
     if switches:  # the training-at-scale switches, on every family's own decoder layers
@@ -56,10 +58,10 @@ def config(root, base, family: str, switches: bool, **serve):
         "storage": {"root": str(root)},
         "cluster": {"dashboard": False},
         "model": {"base": str(base), "max_length": 48},
-        "modula": {"variant": "res", "universal_rank": 4, "domain_rank": 2},
+        "modula": {"variant": variant, "universal_rank": 4, "domain_rank": 2},
         "domains": [{"name": "general", "metric": "perplexity", "splits": SPLITS},
                     {"name": "math", "splits": SPLITS}],
-        "stages": {s: dict(stage) for s in ("universal", "domain", "router")},
+        "stages": {s: dict(stage) for s in ("universal", "domain", "router", "molora")},
         "serve": {"model_name": name, "app_name": name, "route_prefix": f"/{name}",
                   "max_prompt_tokens": 32, "max_tokens_limit": 8, "registry_poll_s": 60,
                   "resources": {"num_cpus": 1}, **serve},
@@ -72,14 +74,16 @@ def root(tmp_path_factory):
     return tmp_path_factory.mktemp("families-root")
 
 
-def train_family(tmp_path, root, family: str, switches: bool = True, **serve):
+def train_family(tmp_path, root, family: str, switches: bool = True, variant: str = "molora",
+                 **serve):
     from modula.trainers.runner import train
 
     base = tmp_path / family
     make_base_model(base, config=family_config(family))
-    cfg = config(root, base, family, switches, **serve)
+    cfg = config(root, base, family, switches, variant, **serve)
     costs = train(cfg, "all", show_progress=False)
-    assert [c.stage for c in costs] == ["universal", "domains", "router"]
+    stages = ["universal", "domains", "router"] if variant == "res" else ["molora"]
+    assert [c.stage for c in costs] == stages
     assert all(c.effective_batch == (4 if switches else 2) for c in costs)
     return cfg
 
@@ -108,7 +112,7 @@ def serve_in_process(cfg) -> None:
         want = adapter.model.generate(ids, expert_ids=[0], max_new_tokens=6, do_sample=False,
                                       eos_token_id=None, pad_token_id=0)[0, len(prompt):]
     assert done.result.token_ids == want.tolist()
-    assert done.result.domain == "math" and adapter.info["variant"] == "res"
+    assert done.result.domain == "math" and adapter.info["variant"] == cfg.modula.variant
 
 
 # ------------------------------------------------------------------------------ unit
@@ -186,11 +190,14 @@ def test_default_targets_of_each_family(tmp_path):
 @pytest.mark.integration
 @pytest.mark.parametrize("family", ["mistral", "gemma", "gemma2", "gemma3_text", "phi3"])
 def test_family_trains_publishes_and_serves(family, tmp_path, root, ray_local):
+    """One joint run (bf16, checkpointing, 2 micro-batches; Mistral plain fp32), the published
+    version served in-process."""
     cfg = train_family(tmp_path, root, family, switches=family != "mistral")
     serve_in_process(cfg)
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(1200)
 def test_qwen2_through_modula_serve_over_http(tmp_path, root, ray_local):
     """Qwen2 (biased q/k/v) trained with bf16 + checkpointing + accumulation, then the real
     `modula serve --detach` and one OpenAI chat request over HTTP."""
@@ -200,7 +207,7 @@ def test_qwen2_through_modula_serve_over_http(tmp_path, root, ray_local):
     from modula.cli import app
 
     port = ensure_serve()
-    cfg = train_family(tmp_path, root, "qwen2", port=port)
+    cfg = train_family(tmp_path, root, "qwen2", variant="res", port=port)
     path = tmp_path / "qwen2.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     res = CliRunner().invoke(app, ["serve", "--detach", "--config", str(path)])
