@@ -261,3 +261,63 @@ def test_auto_picks_triton_only_for_cuda_tensors(monkeypatch, one_torch_thread):
         monkeypatch.setitem(sys.modules, "triton", None)  # Triton not installed
         model(input_ids=batch["input_ids"])
         assert set(calls) == {"stacked_mixture"}
+
+
+# ------------------------------------------------------------------------------ devices
+
+
+def test_gpu_workers_and_gpu_replicas_are_asked_for(tmp_path):
+    """GPU scaling reaches Ray Train's ScalingConfig; an expert replica with a GPU runs on cuda
+    in bf16 (the Triton kernels' dtype), a CPU replica or the Router in model.dtype."""
+    from modula.infra.storage import Storage
+    from modula.serving.modeling import ModelSource, ModelUnavailable, replica_placement
+    from modula.serving.topology import deployment_options
+    from modula.trainers.plan import stage_runs
+    from modula.trainers.runner import _trainer
+
+    cfg = config_from_dict({"storage": {"root": str(tmp_path)}, "stages": {"universal": {
+        "scaling": {"num_workers": 2, "cpus_per_worker": 4, "gpus_per_worker": 1}}}})
+    (run,) = stage_runs(cfg, "universal")
+    sc = _trainer(cfg, run, Storage(cfg.storage), {}, None, None, 0, False).scaling_config
+    assert (sc.num_workers, sc.use_gpu, sc.resources_per_worker) == (2, True,
+                                                                     {"CPU": 4.0, "GPU": 1.0})
+
+    gpu = config_from_dict({"storage": {"root": str(tmp_path)},
+                            "serve": {"resources": {"num_gpus": 1}}})
+    assert replica_placement(gpu) == ("cuda", torch.bfloat16)
+    assert replica_placement(gpu, on_gpu=False) == ("cpu", torch.float32)  # the Router
+    assert deployment_options(gpu)["Experts"]["ray_actor_options"]["num_gpus"] == 1
+    fp16 = gpu.model_copy(update={"serve": gpu.serve.model_copy(update={"dtype": "float16"})})
+    assert replica_placement(fp16) == ("cuda", torch.float16)
+    assert replica_placement(config_from_dict({"model": {"dtype": "bfloat16"}})) == \
+        ("cpu", torch.bfloat16)
+    if not torch.cuda.is_available():  # a GPU replica that sees none says so
+        with pytest.raises(ModelUnavailable, match="sees no CUDA device"):
+            ModelSource(gpu).load(1)
+
+
+def test_a_replica_serves_in_another_dtype_than_it_was_trained(tmp_path, one_torch_thread):
+    """Experts published against a float32 base, served in bfloat16 (``serve.dtype``, what a
+    GPU replica does by default): the base fingerprint is checked in the published dtype, then
+    the weights are cast; rotary frequencies stay float32."""
+    from serving_fixtures import make_base_model, publish_model, serving_config
+
+    from modula.serving.engine import EngineCore, Finished
+    from modula.serving.modeling import ModelSource
+    from modula.serving.protocol import GenerationRequest, SamplingParams
+
+    make_base_model(tmp_path / "base")
+    cfg = serving_config(tmp_path / "runs", tmp_path / "base", dtype="bfloat16")
+    version, _ = publish_model(cfg, ["code", "math"])
+    adapter = ModelSource(cfg).load(version)
+    model = adapter.model
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert all(b.dtype == torch.float32 for n, b in model.named_buffers() if "inv_freq" in n)
+    events = []
+    core = EngineCore(adapter, ModelSource(cfg).tokenizer())
+    core.add(GenerationRequest("r", (5, 6, 7, 8), SamplingParams(max_tokens=3, temperature=0,
+                                                                 ignore_eos=True), "math"),
+             adapter.expert_id("math"), events.append)
+    while core.has_work():
+        core.step()
+    assert [e for e in events if isinstance(e, Finished)][0].result.completion_tokens == 3
