@@ -54,6 +54,9 @@ def ray_local():
 
     if not ray.is_initialized():
         ray.init(
+            # a new local Ray even when a `ray start` cluster runs on this machine (ray.init()
+            # with no address would join the one in /tmp/ray/ray_current_cluster)
+            address="local",
             num_cpus=4,
             num_gpus=0,
             include_dashboard=False,
