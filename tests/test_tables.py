@@ -40,7 +40,7 @@ def _costs() -> list[RunCost]:
     def cost(trains: list[str], workers: int = 1, resumed: int = 0) -> RunCost:
         return RunCost(f"modula-res-{'-'.join(trains)}-0123456789", "domains", "res", trains,
                        1_234_567, 12_345_678, 370, workers, 1234.5, 1200.0, 2400.0, 2.3456,
-                       resumed=resumed)
+                       resumed=resumed, effective_batch=128 * workers)
 
     return [cost(["universal"]), cost(["headlines"], workers=2, resumed=1), cost(["routers"]),
             cost(["code", "math", "units", "headlines", "routers"])]

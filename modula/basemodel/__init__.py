@@ -12,6 +12,8 @@ from modula.basemodel.builtin import (
 )
 from modula.basemodel.loading import (
     BaseModelMissing,
+    ContextTooLong,
+    check_base_model,
     count_parameters,
     load_base_model,
     load_base_tokenizer,
@@ -21,10 +23,12 @@ from modula.basemodel.loading import (
 __all__ = [
     "MARKER",
     "BaseModelMissing",
+    "ContextTooLong",
     "build_model",
     "builtin_fingerprint",
     "builtin_info",
     "builtin_key",
+    "check_base_model",
     "count_parameters",
     "llama_config",
     "load_base_model",

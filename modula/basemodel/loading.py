@@ -16,9 +16,12 @@ from modula.data.tokenizer import load_tokenizer
 from modula.errors import ModulaError
 from modula.infra.layout import BUILTIN_MODELS, cache_dir
 from modula.infra.storage import Storage
+from modula.model.families import check_family
 
 __all__ = [
     "BaseModelMissing",
+    "ContextTooLong",
+    "check_base_model",
     "count_parameters",
     "load_base_model",
     "load_base_tokenizer",
@@ -28,6 +31,10 @@ __all__ = [
 
 class BaseModelMissing(ModulaError, FileNotFoundError):
     """The configured base model is not there (for the built-in one: not pretrained yet)."""
+
+
+class ContextTooLong(ModulaError, ValueError):
+    """A configured ``max_length`` is beyond the base model's context."""
 
 
 def count_parameters(model: Any, trainable_only: bool = False) -> int:
@@ -84,6 +91,26 @@ def resolve_base_dir(cfg: ModulaConfig, storage: Storage | None = None) -> Path:
     if not (p / "config.json").is_file():
         raise BaseModelMissing(f"{p} is not a Hugging Face model directory (no config.json)")
     return p
+
+
+def check_base_model(cfg: ModulaConfig, storage: Storage | None = None) -> Any:
+    """Before training or serving on ``model.base``: refuse a family whose attention or cache
+    the serving engine cannot handle (:func:`~modula.model.families.check_family`) and a
+    ``max_length`` beyond the model's ``max_position_embeddings``. Returns the model's
+    config. (The built-in model's lengths are checked with the config itself.)"""
+    from transformers import AutoConfig
+
+    path = resolve_base_dir(cfg, storage)
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True,
+                                        trust_remote_code=cfg.model.trust_remote_code)
+    check_family(config, where=f"model.base {cfg.model.base}")
+    limit = getattr(config, "max_position_embeddings", None)
+    for where, length in cfg.max_lengths().items():
+        if limit and length > limit:
+            raise ContextTooLong(f"{where}: {length} tokens is beyond the context of "
+                                 f"model.base {cfg.model.base} (max_position_embeddings = "
+                                 f"{limit})")
+    return config
 
 
 def load_base_tokenizer(cfg: ModulaConfig, storage: Storage | None = None) -> Any:

@@ -55,6 +55,7 @@ __all__ = [
 
 Variant = Literal["lora", "molora", "flan", "res"]
 Dtype = Literal["float32", "bfloat16", "float16"]
+Precision = Literal["fp32", "bf16", "fp16"]
 KernelBackend = Literal["auto", "reference", "stacked", "triton"]
 Metric = Literal["exact_match", "accuracy", "perplexity"]
 BUILTIN_DOMAINS = ("general", "code", "math", "units", "headlines", "products")
@@ -451,6 +452,14 @@ class StageConfig(_Section):
     # router stage [ours]: weight of a per-token cross-entropy pulling each layer's gates
     # toward the expert of the example's domain (0 = the paper's plain language-model loss)
     route_supervision: Annotated[float, Field(ge=0)] = 0.0
+    # autocast of the forward (base and adapters) in bf16 / fp16; the trained weights stay
+    # float32 masters; fp16 scales the loss (GradScaler)
+    precision: Precision = "fp32"
+    # recompute each decoder layer in the backward instead of keeping its activations
+    gradient_checkpointing: bool = False
+    # micro-batches summed into one optimizer step: the effective batch is
+    # (batch_size // num_workers) x grad_accum_steps x num_workers rows
+    grad_accum_steps: Annotated[int, Field(ge=1, le=1024)] = 1
     scaling: ScalingConfigSpec = Field(default_factory=ScalingConfigSpec)
 
     @model_validator(mode="after")
@@ -460,6 +469,15 @@ class StageConfig(_Section):
                 f"warmup_steps ({self.warmup_steps}) must be <= steps ({self.steps})"
             )
         return self
+
+    def per_worker_batch(self, streams: int = 1) -> int:
+        """Rows one worker draws per micro-batch (from each of ``streams`` data streams)."""
+        return max(1, self.batch_size // self.scaling.num_workers // streams)
+
+    @property
+    def effective_batch(self) -> int:
+        """Rows behind one optimizer step, over every worker and micro-batch."""
+        return self.per_worker_batch() * self.grad_accum_steps * self.scaling.num_workers
 
 
 # Each stage's own defaults; a partial section in a file or a --set keeps the rest of them.
@@ -712,6 +730,14 @@ class ServeConfig(_Section):
     threads: Annotated[int, Field(ge=1, le=1024)] | None = None
     # torch inter-op threads of each model replica; None = torch's default
     interop_threads: Annotated[int, Field(ge=1, le=1024)] | None = None
+    # the weights' dtype in an expert replica: auto = bfloat16 on a GPU replica
+    # (resources.num_gpus > 0), model.dtype on a CPU one
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    @property
+    def on_gpu(self) -> bool:
+        """Expert replicas hold a GPU (and run the model on it)."""
+        return self.resources.num_gpus > 0
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -781,6 +807,13 @@ class ModulaConfig(_Section):
             raise ValueError(
                 "domains: no domain expert to train (every domain is 'general' or reserved)"
             )
+        if self.model.is_builtin:
+            limit = self.model.tiny.max_position_embeddings
+            for where, length in self.max_lengths().items():
+                if length > limit:
+                    raise ValueError(
+                        f"{where}: {length} tokens is beyond the built-in model's context "
+                        f"(model.tiny.max_position_embeddings = {limit}); raise that too")
         top_k = self.modula.router.top_k
         n_experts = len(self.expert_domains(include_reserved=True)) + (
             1 if self.modula.variant == "flan" else 0
@@ -791,6 +824,15 @@ class ModulaConfig(_Section):
             )
         check_tune(self)
         return self
+
+    def max_lengths(self) -> dict[str, int]:
+        """The sequence length of every place that sets one: ``model.max_length`` and each
+        stage's own ``max_length`` (checked against the base model's context)."""
+        out = {"model.max_length": self.model.max_length}
+        for stage in STAGE_NAMES:
+            if self.stages.get(stage).max_length is not None:
+                out[f"stages.{stage}.max_length"] = self.stages.get(stage).max_length
+        return out
 
     def expert_domains(self, include_reserved: bool = False) -> list[str]:
         """Domains that get a domain expert, in router order."""

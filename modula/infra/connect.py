@@ -29,7 +29,9 @@ def ray_init_kwargs(cluster: ClusterConfig) -> dict[str, Any]:
         kw["runtime_env"] = cluster.runtime_env
     if cluster.is_local:
         kw.update(
-            # a new Ray here, never a cluster that `ray start` left on this machine
+            # a new Ray here, even when a `ray start` cluster runs on this machine (with no
+            # address ray.init joins the one in /tmp/ray/ray_current_cluster, and then refuses
+            # num_cpus)
             address="local",
             num_cpus=cluster.num_cpus,
             num_gpus=cluster.num_gpus,

@@ -37,19 +37,28 @@ def triton_available() -> bool:
     return torch.cuda.is_available() or interpreting()
 
 
+def _on_cuda(x: Tensor) -> bool:
+    """Whether ``x`` lives on a CUDA device: the one question ``auto`` asks of the hardware
+    (the tests answer it on a CPU-only machine, and nothing else)."""
+    return x.is_cuda
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def resolve_backend(backend: str, x: Tensor) -> str:
-    """``auto`` means Triton on CUDA tensors, ``stacked`` anywhere else."""
+    """``auto`` means Triton on CUDA tensors when Triton is installed, ``stacked`` anywhere
+    else (CPU tensors, or no Triton)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown kernel backend {backend!r} (allowed: {', '.join(BACKENDS)})")
     if backend != "auto":
         return backend
-    if x.is_cuda:
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return "stacked"
-        return "triton"
-    return "stacked"
+    return "triton" if _on_cuda(x) and _triton_importable() else "stacked"
 
 
 def expert_mixture(

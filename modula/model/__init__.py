@@ -19,7 +19,13 @@ from .files import (
 )
 from .layer import ModulaLinear
 from .merge import merge_into_base
-from .model import STAGES, ModulaModel, attach_modula, mean_gate_per_expert
+from .model import (
+    STAGES,
+    ModulaModel,
+    attach_modula,
+    enable_activation_checkpointing,
+    mean_gate_per_expert,
+)
 from .peft_interop import export_peft, import_peft
 from .request_router import RequestRouter, request_gate_weights
 from .targets import DEFAULT_TARGETS, default_targets
@@ -34,6 +40,7 @@ __all__ = [
     "attach_modula",
     "base_model_fingerprint",
     "default_targets",
+    "enable_activation_checkpointing",
     "export_peft",
     "import_peft",
     "load_expert",

@@ -283,11 +283,16 @@ class ModulaLinear(nn.Module):
         if st.disabled:
             return result.view(*lead, -1)
         dtype = self.adapter_dtype
+        if torch.is_autocast_enabled(x.device.type):
+            # mixed precision: the adapters compute in the autocast dtype whatever the backend
+            # (the Triton kernels are no autocast op); their float32 masters get float32 grads
+            dtype = torch.get_autocast_dtype(x.device.type)
         xa = x if x.dtype == dtype else x.to(dtype)
         dropout_active = self.training and not isinstance(self.dropout, nn.Identity)
         z = self.dropout(xa)
         residual = (
-            Residual(self.universal.A, self.universal.B, self.universal_scaling, self.res_norm_eps)
+            Residual(self.universal.A.to(dtype), self.universal.B.to(dtype),
+                     self.universal_scaling, self.res_norm_eps)
             if self.variant == "res"
             else None
         )
@@ -347,6 +352,9 @@ class ModulaLinear(nn.Module):
             st.capture.setdefault(self.name, []).append(g.unsqueeze(0) if g.dim() == 2 else g)
         if experts is None and residual is None:
             return result.view(*lead, -1)
+        if experts is not None and experts.A.dtype != dtype:
+            experts = ExpertStack(experts.A.to(dtype), experts.B.to(dtype), experts.ranks,
+                                  experts.scaling)
 
         in_place = (
             result.dtype == dtype

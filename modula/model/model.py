@@ -7,8 +7,10 @@ trainers switch stages, serving pins domains and reads gates, and files load exp
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -23,7 +25,8 @@ from .layer import UNIVERSAL, LayerState, ModulaLinear
 from .request_router import RequestRouter, request_gate_weights
 from .targets import default_targets, find_targets
 
-__all__ = ["ModulaModel", "attach_modula", "mean_gate_per_expert", "STAGES"]
+__all__ = ["ModulaModel", "attach_modula", "enable_activation_checkpointing",
+           "mean_gate_per_expert", "STAGES"]
 
 STAGES = ("universal", "domain:<name>", "router", "joint")
 
@@ -34,6 +37,25 @@ def _check_domain_name(name: str) -> None:
             f"invalid domain name {name!r}: 1-32 chars of a-z, 0-9, '_' or '-', starting with a "
             f"letter, and not one of {sorted(RESERVED_EXPERT_NAMES)}"
         )
+
+
+def enable_activation_checkpointing(model: nn.Module,
+                                    context_fn: Callable[[], tuple[Any, Any]] | None = None
+                                    ) -> None:
+    """Hugging Face activation checkpointing of ``model``'s decoder layers, non-reentrant
+    (``use_reentrant=False``: a frozen base whose inputs need no gradient still gets its
+    adapters' gradients). ``context_fn`` (torch.utils.checkpoint's) gives the contexts of the
+    forward and of its recomputation in the backward. Works with transformers' current name
+    (``activation_checkpointing_enable``) and the older one."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(model).__name__} does not support activation checkpointing")
+    kwargs: dict[str, Any] = {"use_reentrant": False}
+    if context_fn is not None:
+        kwargs["context_fn"] = context_fn
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers < 5.2x
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def attach_modula(
@@ -59,8 +81,9 @@ class ModulaModel(nn.Module):
 
     The stage, the forced domain and gate capture are model-wide settings; ``expert_ids`` holds
     for one call. One forward at a time per model (a serving replica batches requests into one
-    forward); activation checkpointing recomputes layers outside the call, so use
-    ``expert_ids`` for inference, ``force_domain``/stages for training."""
+    forward). Activation checkpointing recomputes layers in the backward, outside the call:
+    :meth:`enable_activation_checkpointing` makes each recomputation run with the settings its
+    forward saw (``expert_ids`` pins included) and capture no gates a second time."""
 
     def __init__(
         self,
@@ -232,6 +255,32 @@ class ModulaModel(nn.Module):
                 e = lyr.expert_module(name)
                 out += [e.A, e.B]
         return out
+
+    # ---- activation checkpointing ------------------------------------------------------
+
+    def enable_activation_checkpointing(self) -> None:
+        """Checkpoint the base model's decoder layers (recomputed in the backward); the
+        recomputation sees the layer settings of its own forward."""
+        enable_activation_checkpointing(self.base_model, context_fn=self._checkpoint_contexts)
+
+    def _checkpoint_contexts(self) -> tuple[Any, Any]:
+        """Called as a checkpointed layer's forward starts: nothing to do for the forward; the
+        recomputation restores the settings seen now (pins, stage path, forced domain), with
+        gate capture off (the forward captured them already)."""
+        return nullcontext(), self._layer_state_as(dataclasses.replace(self._state, capture=None))
+
+    @contextmanager
+    def _layer_state_as(self, saved: LayerState) -> Iterator[None]:
+        st = self._state
+        names = [f.name for f in dataclasses.fields(LayerState)]
+        before = {n: getattr(st, n) for n in names}
+        for n in names:
+            setattr(st, n, getattr(saved, n))
+        try:
+            yield
+        finally:
+            for n, v in before.items():
+                setattr(st, n, v)
 
     # ---- domains -----------------------------------------------------------------------
 

@@ -21,6 +21,9 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "qwen3": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
     "gemma2": _LLAMA_LIKE,
+    "gemma3_text": _LLAMA_LIKE,
+    # Phi-3 fuses q/k/v and gate/up into one projection each
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     "gpt2": ["c_attn", "c_proj", "c_fc"],  # transformers Conv1D layers (weight is in x out)
     "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
 }

@@ -7,7 +7,7 @@ from typing import Any
 
 from ray import serve
 
-from modula.basemodel import BaseModelMissing, resolve_base_dir
+from modula.basemodel import BaseModelMissing, check_base_model, resolve_base_dir
 from modula.config.schema import ModulaConfig
 from modula.errors import ModulaError
 from modula.infra.connect import connect
@@ -33,6 +33,7 @@ def preflight(cfg: ModulaConfig) -> dict[str, Any]:
         base_dir = resolve_base_dir(cfg)
     except BaseModelMissing as exc:
         raise PreflightError(str(exc)) from None
+    check_base_model(cfg)
     out: dict[str, Any] = {"base_dir": str(base_dir), "groups": topology.expert_groups(cfg),
                            "deployments": topology.expert_deployment_names(cfg)}
     if cfg.serve.base_only:

@@ -58,6 +58,7 @@ __all__ = [
     "RequestStream",
     "RowRouting",
     "TokenDelta",
+    "modula_adapter",
     "token_logprobs",
 ]
 
@@ -303,6 +304,39 @@ class ModelAdapter:
             return flat[f:], gates, flat[:f].view(len(full_rows), s, -1)
         logits = logits.float().cpu()  # the head was not called as a module: keep what came
         return logits[:, -1, :], gates, logits[full_rows]
+
+
+def _gate_fn(model: Any):
+    """Runs a forward with gate capture; returns (output, gates averaged over layers)."""
+
+    def run(forward):
+        with model.capture_gates():
+            out = forward()
+            gates = model.gate_weights()
+        if not gates:
+            return out, None
+        stacked = torch.stack([g.float() for g in gates.values()])  # (L, B, S, E)
+        return out, stacked.mean(0)
+
+    return run
+
+
+def modula_adapter(model: Any, *, version: Any = None, info: dict[str, Any] | None = None
+                   ) -> ModelAdapter:
+    """A :class:`ModelAdapter` over a MoDULA model (``attach_modula`` / ``load_modula``): what
+    a replica serves, and what ``benchmarks/gpu_check.py`` measures."""
+    model.eval()
+    model.set_stage(None)
+    model.force_domain(None)
+    model.prepare_inference()  # the fused inference weights, derived once for this version
+    names = list(model.expert_names)
+    domains = list(model.domains)
+    return ModelAdapter(
+        model, hf_model=model.base_model, domains=domains,
+        gate_names=names or None, gate_fn=_gate_fn(model) if names else None,
+        takes_expert_ids=bool(domains), version=version,
+        info={"variant": model.variant, **(info or {})},
+    )
 
 
 # ------------------------------------------------------------------------------------ cache

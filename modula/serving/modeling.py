@@ -27,7 +27,7 @@ from modula.infra.layout import cache_dir, registry_model_name
 from modula.infra.registry import Registry
 from modula.model import load_modula
 from modula.serving import topology
-from modula.serving.engine import ModelAdapter
+from modula.serving.engine import ModelAdapter, modula_adapter
 
 __all__ = [
     "ModelSource",
@@ -37,6 +37,7 @@ __all__ = [
     "replica_threads",
     "load_tokenizer",
     "modula_adapter",
+    "replica_placement",
 ]
 
 log = logging.getLogger(__name__)
@@ -66,44 +67,36 @@ def configure_torch(cfg: ModulaConfig) -> None:
                         exc, torch.get_num_interop_threads())
 
 
+def replica_placement(cfg: ModulaConfig, on_gpu: bool | None = None) -> tuple[str, torch.dtype]:
+    """Where a replica runs its model and in which dtype. An expert replica with a GPU
+    (``serve.resources.num_gpus > 0``) runs on ``cuda`` in ``serve.dtype`` (``auto``:
+    bfloat16), where ``modula.kernel: auto`` picks the Triton kernels; a CPU replica in
+    ``serve.dtype`` (``auto``: ``model.dtype``). ``on_gpu=False``: a replica without a GPU
+    whatever the config says (the Router)."""
+    s = cfg.serve
+    gpu = s.on_gpu if on_gpu is None else on_gpu
+    if s.dtype != "auto":
+        dtype = s.dtype
+    else:
+        dtype = "bfloat16" if gpu else cfg.model.dtype
+    return ("cuda" if gpu else "cpu"), getattr(torch, dtype)
+
+
+def _place(model: Any, device: str, dtype: torch.dtype) -> None:
+    """Move ``model`` to ``device`` and its floating parameters to ``dtype``; buffers keep
+    their dtype (rotary frequencies stay float32, as Hugging Face loads them)."""
+    model.to(device)
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
 def load_tokenizer(cfg: ModulaConfig) -> Any:
     """The base model's tokenizer (the ingress tokenises; the experts detokenise)."""
     try:
         return load_base_tokenizer(cfg)
     except BaseModelMissing as exc:
         raise ModelUnavailable(str(exc)) from None
-
-
-def _gate_fn(model: Any):
-    """Runs a forward with gate capture; returns (output, gates averaged over layers)."""
-
-    def run(forward):
-        with model.capture_gates():
-            out = forward()
-            gates = model.gate_weights()
-        if not gates:
-            return out, None
-        stacked = torch.stack([g.float() for g in gates.values()])  # (L, B, S, E)
-        return out, stacked.mean(0)
-
-    return run
-
-
-def modula_adapter(model: Any, *, version: Any = None, info: dict[str, Any] | None = None
-                   ) -> ModelAdapter:
-    """A :class:`ModelAdapter` over a MoDULA model (``attach_modula`` / ``load_modula``)."""
-    model.eval()
-    model.set_stage(None)
-    model.force_domain(None)
-    model.prepare_inference()  # the fused inference weights, derived once for this version
-    names = list(model.expert_names)
-    domains = list(model.domains)
-    return ModelAdapter(
-        model, hf_model=model.base_model, domains=domains,
-        gate_names=names or None, gate_fn=_gate_fn(model) if names else None,
-        takes_expert_ids=bool(domains), version=version,
-        info={"variant": model.variant, **(info or {})},
-    )
 
 
 class ModelSource:
@@ -115,8 +108,9 @@ class ModelSource:
     """
 
     def __init__(self, cfg: ModulaConfig, group: Sequence[str] | None = None,
-                 extra_domains: bool = True):
+                 extra_domains: bool = True, on_gpu: bool | None = None):
         self.cfg = cfg
+        self.device, self.dtype = replica_placement(cfg, on_gpu)
         self.group = list(group) if group is not None else None
         self.extra_domains = extra_domains
         self.base_only = cfg.serve.base_only
@@ -155,12 +149,18 @@ class ModelSource:
     def load(self, version: int | None) -> ModelAdapter:
         """The base model with the experts of `version` (the base alone with ``base_only``)."""
         with self._lock:
+            if self.device == "cuda" and not torch.cuda.is_available():
+                raise ModelUnavailable(
+                    "serve.resources.num_gpus > 0, but this replica sees no CUDA device "
+                    "(torch.cuda.is_available() is false)")
             try:
+                # in model.dtype: the base the experts were published against (fingerprint)
                 base, _ = load_base_model(self.cfg)
             except BaseModelMissing as exc:
                 raise ModelUnavailable(str(exc)) from None
             base.requires_grad_(False)
             if self.base_only:
+                _place(base, self.device, self.dtype)
                 return ModelAdapter(base, version=None,
                                     info={"base_model": self.cfg.model.base, "adapters": False})
             if version is None:
@@ -170,7 +170,8 @@ class ModelSource:
             t0 = time.perf_counter()
             dest = self._cache_root / self.model_name / f"v{version}"
             local = self.registry.fetch(self.model_name, version, dest)
-            model = load_modula(base, local.path)
+            model = load_modula(base, local.path, adapter_dtype=self.dtype)
+            _place(model, self.device, self.dtype)
             if self.cfg.modula.kernel != "auto":
                 model.kernel_backend = self.cfg.modula.kernel
             for d in list(model.domains):
@@ -204,7 +205,7 @@ class RoutingModel:
 
     def __init__(self, cfg: ModulaConfig):
         self.cfg = cfg
-        self.source = ModelSource(cfg)
+        self.source = ModelSource(cfg, on_gpu=False)  # the Router's replicas hold no GPU
         self.adapter = self.source.load(self.source.latest_version())
         self._checked = time.monotonic()
 

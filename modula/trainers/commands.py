@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from modula.basemodel import check_base_model
 from modula.config.loader import load_config
 from modula.config.options import ConfigOpt, SetOpt
 from modula.errors import UsageError
@@ -43,14 +44,17 @@ def pretrain_table(res: PretrainResult, where: str) -> Table:
 
 def cost_table(costs: list[RunCost], title: str) -> Table:
     """What each run cost, one row per run, named by what it trains (the run names, with their
-    fingerprints, are in the workspace's cost records). Fits 80 columns."""
+    fingerprints, are in the workspace's cost records); ``batch`` is the effective batch of a
+    step (rows, over workers and accumulated micro-batches), ``work s`` the worker-seconds.
+    Fits 80 columns."""
     t = Table(title=title)
     t.add_column("trains", overflow="fold")
-    for col in ("params", "tokens", "steps", "wall s", "worker-s", "loss"):
+    for col in ("params", "tokens", "steps", "batch", "wall s", "work s", "loss"):
         t.add_column(col, justify="right", no_wrap=True)
     for c in costs:
         steps = f"{c.steps}" + (f"x{c.num_workers}" if c.num_workers > 1 else "")
         t.add_row(", ".join(c.trains), f"{c.trainable_parameters:,}", f"{c.tokens:,}", steps,
+                  f"{c.effective_batch}" if c.effective_batch else "-",
                   f"{c.wall_seconds:.0f}", f"{c.worker_seconds:.0f}",
                   f"{c.final_loss:.3f}" if c.final_loss is not None else "-")
     resumed = [f"{', '.join(c.trains)} ({c.resumed}x)" for c in costs if c.resumed]
@@ -90,6 +94,7 @@ def train_cmd(
     cfg = load_config(config, set_)
     if stage not in STAGE_CHOICES:
         raise UsageError(f"--stage: {stage!r} is not allowed (allowed: {', '.join(STAGE_CHOICES)})")
+    check_base_model(cfg)  # a base the engine cannot serve stops here, before Ray starts
     console = Console()
     console.rule(f"[bold]modula train --stage {stage}")
     with ray_session(cfg.cluster):
@@ -121,6 +126,7 @@ def add_domain_cmd(
         raise UsageError(f"--metric: {metric!r} is not allowed (allowed: {', '.join(METRICS)})")
     if any_base and from_peft is None:
         raise UsageError("--any-base goes with --from-peft")
+    check_base_model(cfg)
     console = Console()
     console.rule(f"[bold]modula add-domain {domain}")
     with ray_session(cfg.cluster):

@@ -1,5 +1,12 @@
 """What the pretraining loop and the adapter loop share: the learning-rate schedule, the AdamW
-factory, checksummed checkpoints, the metrics log, and the trainers' errors.
+factory, one optimizer step over accumulated micro-batches in the stage's precision,
+checksummed checkpoints, the metrics log, and the trainers' errors.
+
+A step (:func:`accumulated_step`): ``grad_accum_steps`` micro-batches of
+``batch_size // num_workers`` rows per worker, each forward under :func:`autocast`
+(``precision``: ``fp32``, or bf16 / fp16 autocast over float32 master weights), each loss
+weighted by its share of the step's label tokens, then one clipped AdamW step (fp16 through a
+``GradScaler``, whose state goes into the checkpoint).
 
 Checkpoints hold the trainable tensors, the optimiser state and the loop state as safetensors
 and JSON with a checksum list, so a resume never unpickles anything and a corrupt checkpoint is
@@ -8,9 +15,11 @@ an error, not a fresh start.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +35,19 @@ __all__ = [
     "MetricsLog",
     "PlanError",
     "StageError",
+    "accumulated_step",
+    "autocast",
+    "batch_line",
+    "grad_scaler",
     "load_checkpoint",
     "lr_at",
     "lr_multiplier",
     "make_optimizer",
     "make_scheduler",
+    "label_tokens",
+    "optimizer_step",
     "save_checkpoint",
+    "to_device",
 ]
 
 STATE_FILE = "state.json"
@@ -101,6 +117,115 @@ def make_optimizer(model: Any, lr: float, weight_decay: float = 0.0, *,
         groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+# ----------------------------------------------------------------------------------- one step
+
+_AUTOCAST = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+def autocast(precision: str, device: Any) -> contextlib.AbstractContextManager[Any]:
+    """The forward's autocast: none for ``fp32``; bf16 / fp16 on the device's type. Matrix
+    products run in the low precision, the parameters (the trained experts' float32 masters
+    included) are cast per op and keep their own dtype."""
+    import torch
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type,
+                          dtype=getattr(torch, _AUTOCAST[precision]))
+
+
+def grad_scaler(precision: str, device: Any, state: dict[str, Any] | None = None) -> Any:
+    """fp16's loss scaler (None otherwise), restored from a checkpoint's ``state``."""
+    import torch
+
+    if precision != "fp16":
+        return None
+    scaler = torch.amp.GradScaler(torch.device(device).type)
+    if state:
+        scaler.load_state_dict(state)
+    return scaler
+
+
+def to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
+    """A batch of tensors on the worker's device (``ray.train.torch.get_device()``)."""
+    return {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v
+            for k, v in batch.items()}
+
+
+def label_tokens(batch: dict[str, Any]) -> int:
+    """The tokens a causal LM's loss averages over: labels after the first position, not -100."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def _micro_batches(model: Any, accum: int, world: int
+                   ) -> Iterator[contextlib.AbstractContextManager[Any]]:
+    """One context per micro-batch of a step: with DDP, gradients are all-reduced only in the
+    last one (``no_sync`` before it)."""
+    for i in range(accum):
+        last = i == accum - 1
+        yield contextlib.nullcontext() if last or world == 1 else model.no_sync()
+
+
+def optimizer_step(optimizer: Any, params: list[Any], scaler: Any,
+                   max_grad_norm: float | None = 1.0) -> float:
+    """Clip the summed gradients and step (fp16: unscale first, skip a step whose gradients
+    overflowed); returns the gradient norm before clipping."""
+    import torch
+
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return float(norm)
+
+
+def accumulated_step(forward: Callable[[dict[str, Any], int], Any],
+                     batches: list[list[dict[str, Any]]], optimizer: Any, params: list[Any], *,
+                     precision: str = "fp32", scaler: Any = None, device: Any = "cpu",
+                     model: Any = None, world: int = 1, max_grad_norm: float | None = 1.0
+                     ) -> tuple[float, float]:
+    """One optimizer step over ``batches[i][s]``, micro-batch ``i`` of data stream ``s``.
+
+    ``forward(batch, s)`` returns the model's output for a batch already on ``device``. Each
+    micro-batch's loss is weighted by its share of the stream's label tokens in the step, so a
+    stream's loss (and gradient) is the one of all its micro-batches as one batch; the step's
+    loss is the mean over the streams (a packed domain run: one stream per domain). Returns
+    (loss, gradient norm before clipping).
+    """
+    streams = len(batches[0])
+    counts = [[label_tokens(b) for b in micro] for micro in batches]
+    totals = [sum(c[s] for c in counts) for s in range(streams)]
+    optimizer.zero_grad(set_to_none=True)
+    losses = [0.0] * streams
+    for i, sync in enumerate(_micro_batches(model, len(batches), world)):
+        with sync:
+            for s, batch in enumerate(batches[i]):
+                weight = counts[i][s] / totals[s] if totals[s] else 0.0
+                with autocast(precision, device):
+                    out = forward(to_device(batch, device), s)
+                # a micro-batch without labels has a NaN mean: it weighs nothing
+                loss = out.loss if counts[i][s] else out.loss.nan_to_num(0.0)
+                scaled = loss * (weight / streams)
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                losses[s] += float(loss.detach()) * weight
+    norm = optimizer_step(optimizer, params, scaler, max_grad_norm)
+    return sum(losses) / streams, norm
+
+
+def batch_line(stage: StageConfig, max_length: int, streams: int = 1) -> str:
+    """The run's batch as printed when it starts: the effective batch and how it is made."""
+    sc = stage.scaling
+    per = stage.per_worker_batch(streams) * streams
+    return (f"effective batch {per * stage.grad_accum_steps * sc.num_workers} rows of "
+            f"{max_length} tokens = {per} per worker x {stage.grad_accum_steps} accumulated x "
+            f"{sc.num_workers} worker(s); precision {stage.precision}, gradient checkpointing "
+            f"{'on' if stage.gradient_checkpointing else 'off'}")
 
 
 # ----------------------------------------------------------------------------------- checkpoints

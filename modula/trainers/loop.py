@@ -2,7 +2,9 @@
 
 One loop serves all stages; a :class:`~modula.trainers.plan.StageRun` says what differs: which
 experts train (``set_stage``), which experts are loaded first, which data streams feed it.
-The schedule, optimiser and checkpoints are :mod:`modula.trainers.common`'s.
+The model and its batches live on the worker's device (``ray.train.torch.get_device``: its GPU
+with ``scaling.gpus_per_worker > 0``). The schedule, optimiser, one accumulated step in the
+stage's precision and checkpoints are :mod:`modula.trainers.common`'s.
 """
 
 from __future__ import annotations
@@ -21,10 +23,14 @@ from modula.model import attach_modula, load_expert, save_expert
 from modula.trainers.classifier import CLASSIFY_KEY, fit_classifier
 from modula.trainers.common import (
     EXPERTS_DIR,
+    accumulated_step,
+    autocast,
+    grad_scaler,
     load_checkpoint,
     lr_at,
     make_optimizer,
     save_checkpoint,
+    to_device,
 )
 from modula.trainers.plan import CLASSIFIER, StageRun
 
@@ -49,15 +55,16 @@ def _cycle(shard: Any, batch_size: int, seed: int) -> Any:
 
 
 def _validation_loss(model: Any, shards: dict[str, Any], pinned: dict[str, int | None],
-                     batch_size: int, max_batches: int = 4) -> float | None:
+                     batch_size: int, max_batches: int = 4, **run: Any) -> float | None:
     """Mean response loss on the validation shards (the metric a sweep ranks trials by)."""
-    sums = _validation_sums(model, shards, pinned, batch_size, max_batches)
+    sums = _validation_sums(model, shards, pinned, batch_size, max_batches, **run)
     total, count = sum(s for s, _ in sums.values()), sum(c for _, c in sums.values())
     return total / count if count else None
 
 
 def _validation_sums(model: Any, shards: dict[str, Any], pinned: dict[str, int | None],
-                     batch_size: int, max_batches: int = 4) -> dict[str, tuple[float, int]]:
+                     batch_size: int, max_batches: int = 4, *, device: Any = "cpu",
+                     precision: str = "fp32") -> dict[str, tuple[float, int]]:
     """Per shard: the summed batch losses and the number of batches (at most ``max_batches``)."""
     import torch
 
@@ -69,8 +76,9 @@ def _validation_sums(model: Any, shards: dict[str, Any], pinned: dict[str, int |
             for i, batch in enumerate(shard.iter_torch_batches(batch_size=batch_size)):
                 if i >= max_batches:
                     break
-                kw = _model_inputs(batch, pinned.get(key))
-                out_ = model(**kw, use_cache=False)
+                kw = _model_inputs(to_device(batch, device), pinned.get(key))
+                with autocast(precision, device):
+                    out_ = model(**kw, use_cache=False)
                 total += float(out_.loss)
                 count += 1
             out[key] = (total, count)
@@ -79,7 +87,8 @@ def _validation_sums(model: Any, shards: dict[str, Any], pinned: dict[str, int |
 
 
 def _validation_metrics(model: Any, shards: dict[str, Any], pinned: dict[str, int | None],
-                        batch_size: int, per_domain: dict[str, Any], world: int) -> dict[str, float]:
+                        batch_size: int, per_domain: dict[str, Any], world: int,
+                        **run: Any) -> dict[str, float]:
     """``val_loss_<domain>`` for each per-domain shard and ``val_loss``, their average (the
     paper's checkpoint selection rule); without per-domain shards ``val_loss`` is the mean over
     ``shards``. Batch losses are summed over the workers."""
@@ -87,10 +96,11 @@ def _validation_metrics(model: Any, shards: dict[str, Any], pinned: dict[str, in
     import torch.distributed as dist
 
     shards = {**shards, **{f"val_{d}": s for d, s in per_domain.items()}}
-    sums = _validation_sums(model, shards, pinned, batch_size)
+    sums = _validation_sums(model, shards, pinned, batch_size, **run)
     keys = list(sums)
     if world > 1 and dist.is_initialized():
-        t = torch.tensor([x for k in keys for x in sums[k]], dtype=torch.float64)
+        t = torch.tensor([x for k in keys for x in sums[k]], dtype=torch.float64,
+                         device=run.get("device", "cpu"))
         dist.all_reduce(t)
         sums = {k: (float(t[2 * i]), int(t[2 * i + 1])) for i, k in enumerate(keys)}
     metrics: dict[str, float] = {}
@@ -123,10 +133,15 @@ def _model_inputs(batch: dict[str, Any], pin: int | None) -> dict[str, Any]:
 
 def build_stage_model(cfg: ModulaConfig, run: StageRun, inputs_dir: Path | None) -> Any:
     """The base model with MoDULA attached as the run needs it, earlier experts loaded,
-    and exactly the run's parameters trainable."""
+    and exactly the run's parameters trainable. The experts are float32 whatever
+    ``model.dtype`` is: the master weights the optimizer updates (``precision`` only
+    autocasts the forward)."""
+    import torch
+
     base, _ = load_base_model(cfg)
     layer_cfg = cfg.modula.model_copy(update={"variant": run.variant})
-    model = attach_modula(base, layer_cfg, domains=list(run.domains))
+    model = attach_modula(base, layer_cfg, domains=list(run.domains),
+                          adapter_dtype=torch.float32)
     for name in run.inputs:
         path = (inputs_dir / expert_file(name)) if inputs_dir else None
         if path is None or not path.is_file():
@@ -198,6 +213,7 @@ def _report(metrics: dict[str, Any], model: Any, optimizer: Any, state: dict[str
                 "trainable_parameters": state["trainable_parameters"], "tokens": state["tokens"],
                 "loop_seconds": state["loop_seconds"], "world_size": state["world_size"],
                 "steps": state["step"], "final_loss": state["loss"], "resumed": state["resumed"],
+                "effective_batch": state["effective_batch"],
                 **({"classifier_accuracy": state["classifier_accuracy"]}
                    if "classifier_accuracy" in state else {})}))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
@@ -208,7 +224,7 @@ def adapter_loop(config: dict[str, Any]) -> None:
     import ray.train
     import torch
     import torch.distributed as dist
-    from ray.train.torch import prepare_model
+    from ray.train.torch import get_device, prepare_model
 
     cfg: ModulaConfig = config["cfg"]
     run: StageRun = config["run"]
@@ -217,12 +233,17 @@ def adapter_loop(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(stage.scaling.cpus_per_worker)))
     torch.manual_seed(stage.seed)
+    device = get_device()  # the worker's GPU with use_gpu, else the CPU
 
     inputs_dir = Path(config["inputs_dir"]) if config.get("inputs_dir") else None
-    model = build_stage_model(cfg, run, inputs_dir)
+    model = build_stage_model(cfg, run, inputs_dir).to(device)
+    model.train()
+    if stage.gradient_checkpointing:
+        model.enable_activation_checkpointing()
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
-    ddp = prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True}) \
+    ddp = prepare_model(model, move_to_device=False,
+                        parallel_strategy_kwargs={"find_unused_parameters": True}) \
         if world > 1 else model
     optimizer = make_optimizer(model, stage.lr, stage.weight_decay, decay_all=True)
 
@@ -232,10 +253,11 @@ def adapter_loop(config: dict[str, Any]) -> None:
         with ckpt.as_directory() as d:
             state = load_checkpoint(Path(d), model, optimizer)
         state["resumed"] = int(state.get("resumed", 0)) + 1
+    scaler = grad_scaler(stage.precision, device, state.get("scaler"))
 
     streams = list(run.pinned) or ["train"]
     pins = {s: (run.domains.index(s) if run.pinned else None) for s in streams}
-    per_worker = max(1, stage.batch_size // world // len(streams))
+    per_worker, accum = stage.per_worker_batch(len(streams)), stage.grad_accum_steps
     iters = {s: _cycle(ray.train.get_dataset_shard(f"train_{s}" if run.pinned else "train"),
                        per_worker, stage.seed * 7919 + rank * 101 + state["step"])
              for s in streams}
@@ -243,6 +265,16 @@ def adapter_loop(config: dict[str, Any]) -> None:
     supervise = run.stage == "router" and stage.route_supervision > 0
     board = config.get("board")
     pad_id = int(config.get("pad_id", 0))
+
+    def forward(batch: dict[str, Any], s: int) -> Any:
+        if not supervise:
+            return ddp(**_model_inputs(batch, pins[streams[s]]), use_cache=False)
+        with model.collect_router_gates() as gates:
+            out = ddp(**_model_inputs(batch, pins[streams[s]]), use_cache=False)
+        # the step minimises (and logs) the language-model loss plus the routing term
+        out.loss = out.loss + stage.route_supervision * route_supervision_loss(
+            gates, batch[ROUTE_TARGETS])
+        return out
 
     t_start = time.time()
     seconds_before = float(state["loop_seconds"])
@@ -253,25 +285,12 @@ def adapter_loop(config: dict[str, Any]) -> None:
         lr = lr_at(step, stage.steps, stage.warmup_steps, stage.lr)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
-        losses = []
-        for s in streams:
-            batch = next(iters[s])
-            if supervise:
-                with model.collect_router_gates() as gates:
-                    out = ddp(**_model_inputs(batch, pins[s]), use_cache=False)
-                loss = out.loss + stage.route_supervision * route_supervision_loss(
-                    gates, batch[ROUTE_TARGETS])
-            else:
-                out = ddp(**_model_inputs(batch, pins[s]), use_cache=False)
-                loss = out.loss
-            (loss / len(streams)).backward()
-            losses.append(float(out.loss.detach()))
-            tokens_since += int((batch["input_ids"] != pad_id).sum())
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
+        batches = [[next(iters[s]) for s in streams] for _ in range(accum)]
+        loss_val, _ = accumulated_step(forward, batches, optimizer, trainable,
+                                       precision=stage.precision, scaler=scaler, device=device,
+                                       model=ddp, world=world)
+        tokens_since += sum(int((b["input_ids"] != pad_id).sum()) for m in batches for b in m)
         step += 1
-        loss_val = sum(losses) / len(losses)
         now = time.time()
         if rank == 0 and board is not None and (now - t_last > 1.0 or step == stage.steps):
             board.push(step=step, loss=loss_val, lr=lr,
@@ -283,12 +302,15 @@ def adapter_loop(config: dict[str, Any]) -> None:
             state["tokens"] = int(state["tokens"]) + tokens_since * world
             tokens_since = 0
             state.update(step=step, loop_seconds=seconds_before + time.time() - t_start,
-                         loss=loss_val, trainable_parameters=n_trainable, world_size=world)
+                         loss=loss_val, trainable_parameters=n_trainable, world_size=world,
+                         effective_batch=per_worker * len(streams) * accum * world,
+                         scaler=scaler.state_dict() if scaler is not None else None)
             metrics = {"step": step, "loss": loss_val, "tokens": state["tokens"],
                        "loop_seconds": state["loop_seconds"]}
             if val_shards or val_per_domain:
                 metrics.update(_validation_metrics(model, val_shards, val_pins, per_worker,
-                                                   val_per_domain, world))
+                                                   val_per_domain, world, device=device,
+                                                   precision=stage.precision))
             if last and CLASSIFIER in run.trains:
                 fit = fit_classifier(model, ray.train.get_dataset_shard(CLASSIFY_KEY), stage,
                                      world)

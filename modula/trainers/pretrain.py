@@ -42,11 +42,16 @@ from modula.eval.metrics import perplexity
 from modula.infra.connect import connect
 from modula.infra.layout import PRETRAIN_RUNS
 from modula.infra.storage import Storage
+from modula.model import enable_activation_checkpointing
 from modula.trainers.common import (
     STATE_FILE,
     MetricsLog,
     PlanError,
     StageError,
+    accumulated_step,
+    batch_line,
+    grad_scaler,
+    label_tokens,
     load_checkpoint,
     make_optimizer,
     make_scheduler,
@@ -73,32 +78,35 @@ _HELDOUT_DOMAINS = ("general", "code")
 # one step, one checkpoint
 
 
-def train_step(model: Any, batch: dict[str, Any], optimizer: Any, scheduler: Any | None = None,
-               max_grad_norm: float | None = 1.0) -> dict[str, float]:
-    """One optimiser step on a packed batch (``input_ids``, ``labels``, ``position_ids``).
+def train_step(model: Any, batch: dict[str, Any] | list[dict[str, Any]], optimizer: Any,
+               scheduler: Any | None = None, max_grad_norm: float | None = 1.0, *,
+               precision: str = "fp32", scaler: Any = None, device: Any = "cpu",
+               world: int = 1) -> dict[str, float]:
+    """One optimiser step on a packed batch (``input_ids``, ``labels``, ``position_ids``), or on
+    a list of micro-batches accumulated into one step
+    (:func:`~modula.trainers.common.accumulated_step`).
 
     No attention mask and ``use_cache=False``: the restarting position ids keep packed examples
     apart (see :mod:`modula.data.encode`). Returns loss, label tokens, lr and gradient norm.
     """
-    import torch
-
+    micro = batch if isinstance(batch, list) else [batch]
     model.train()
-    kwargs = {k: batch[k] for k in ("input_ids", "labels", "position_ids") if k in batch}
-    out = model(**kwargs, use_cache=False)
-    loss = out.loss
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+
+    def forward(b: dict[str, Any], _: int) -> Any:
+        kwargs = {k: b[k] for k in ("input_ids", "labels", "position_ids") if k in b}
+        return model(**kwargs, use_cache=False)
+
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    gnorm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"))
-    optimizer.step()
+    loss, gnorm = accumulated_step(forward, [[b] for b in micro], optimizer, params,
+                                   precision=precision, scaler=scaler, device=device,
+                                   model=model, world=world, max_grad_norm=max_grad_norm)
     if scheduler is not None:
         scheduler.step()
-    labels = batch["labels"]
     return {
-        "loss": float(loss.detach()),
-        "tokens": int((labels[:, 1:] != -100).sum()),
+        "loss": loss,
+        "tokens": sum(label_tokens(b) for b in micro),
         "lr": float(optimizer.param_groups[0]["lr"]),
-        "grad_norm": float(gnorm),
+        "grad_norm": gnorm,
     }
 
 
@@ -135,11 +143,21 @@ def checkpoint_metrics(path: str | Path) -> MetricsLog:
 # the worker loop
 
 
+def _batches(shard: Any, size: int, seed: int, rank: int) -> Any:
+    """Endless shuffled batches of the worker's shard, a new order each epoch."""
+    epoch = 0
+    while True:
+        yield from shard.iter_torch_batches(batch_size=size, drop_last=True,
+                                            local_shuffle_buffer_size=size * 16,
+                                            local_shuffle_seed=seed * 1000 + epoch * 10 + rank)
+        epoch += 1
+
+
 def pretrain_loop(config: dict[str, Any]) -> None:
     """``train_loop_per_worker`` of the pretraining ``TorchTrainer``."""
     import ray.train
     import torch
-    from ray.train.torch import prepare_model
+    from ray.train.torch import get_device, prepare_model
 
     cfg: ModulaConfig = config["cfg"]
     stage = cfg.stages.pretrain
@@ -147,53 +165,53 @@ def pretrain_loop(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(stage.scaling.cpus_per_worker)))
     torch.manual_seed(stage.seed + rank)
+    device = get_device()  # the worker's GPU with use_gpu, else the CPU
 
     tok = tokenizer_from_files(config["tokenizer_files"])
-    model = build_model(cfg.model.tiny, tok)
-    model = prepare_model(model) if world > 1 else model
+    model = build_model(cfg.model.tiny, tok).to(device)
+    if stage.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+    model = prepare_model(model, move_to_device=False) if world > 1 else model
     optimizer = make_optimizer(model, stage.lr, stage.weight_decay)
     scheduler = make_scheduler(optimizer, stage)
-    step, log = 0, MetricsLog()
+    step, log, scaler_state = 0, MetricsLog(), None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             step, log = load_pretrain_checkpoint(d, model, optimizer, scheduler)
+            scaler_state = json.loads((Path(d) / STATE_FILE).read_text()).get("scaler")
         log.log(step=step, event="resumed")
+    scaler = grad_scaler(stage.precision, device, scaler_state)
     board = config.get("board")
-    shard = ray.train.get_dataset_shard("train")
-    per_worker = max(1, stage.batch_size // world)
+    batches = _batches(ray.train.get_dataset_shard("train"), stage.per_worker_batch(),
+                       stage.seed, rank)
     tokens = int(log.last("tokens") or 0)
     t_last, tok_last = time.time(), tokens
     if step >= stage.steps:  # resumed from the last checkpoint of a finished run: hand it back
         _report(step, {"loss": log.last("loss") or float("nan"), "lr": 0.0}, model, optimizer,
-                scheduler, log, tok, rank, final=True)
+                scheduler, log, tok, rank, final=True, scaler=scaler)
         return
-    epoch = 0
     while step < stage.steps:
-        for batch in shard.iter_torch_batches(batch_size=per_worker, drop_last=True,
-                                              local_shuffle_buffer_size=per_worker * 16,
-                                              local_shuffle_seed=stage.seed * 1000 + epoch * 10 + rank):
-            m = train_step(model, batch, optimizer, scheduler)
-            step += 1
-            tokens += m["tokens"] * world
-            now = time.time()
-            if rank == 0 and (now - t_last > 1.0 or step == stage.steps):
-                rate = (tokens - tok_last) / max(now - t_last, 1e-6)
-                log.log(step=step, loss=m["loss"], lr=m["lr"], grad_norm=m["grad_norm"],
-                        tokens=tokens, tokens_per_s=round(rate, 1))
-                if board is not None:
-                    board.push(step=step, loss=m["loss"], lr=m["lr"], tokens_per_s=rate)
-                t_last, tok_last = now, tokens
-            last = step >= stage.steps
-            if step % stage.checkpoint_every == 0 or last:
-                _report(step, m, model, optimizer, scheduler, log, tok, rank, final=last)
-            if last:
-                break
-        epoch += 1
+        micro = [next(batches) for _ in range(stage.grad_accum_steps)]
+        m = train_step(model, micro, optimizer, scheduler, precision=stage.precision,
+                       scaler=scaler, device=device, world=world)
+        step += 1
+        tokens += m["tokens"] * world
+        now = time.time()
+        if rank == 0 and (now - t_last > 1.0 or step == stage.steps):
+            rate = (tokens - tok_last) / max(now - t_last, 1e-6)
+            log.log(step=step, loss=m["loss"], lr=m["lr"], grad_norm=m["grad_norm"],
+                    tokens=tokens, tokens_per_s=round(rate, 1))
+            if board is not None:
+                board.push(step=step, loss=m["loss"], lr=m["lr"], tokens_per_s=rate)
+            t_last, tok_last = now, tokens
+        if step % stage.checkpoint_every == 0 or step >= stage.steps:
+            _report(step, m, model, optimizer, scheduler, log, tok, rank,
+                    final=step >= stage.steps, scaler=scaler)
 
 
 def _report(step: int, m: dict[str, float], model: Any, optimizer: Any, scheduler: Any,
-            log: MetricsLog, tok: Any, rank: int, final: bool) -> None:
+            log: MetricsLog, tok: Any, rank: int, final: bool, scaler: Any = None) -> None:
     """A checkpoint from rank 0, ``checkpoint=None`` elsewhere: ``report`` is a barrier, so every
     rank calls it the same number of times. The final one also holds the HF model folder."""
     import ray.train
@@ -203,7 +221,8 @@ def _report(step: int, m: dict[str, float], model: Any, optimizer: Any, schedule
         ray.train.report(metrics, checkpoint=None)
         return
     with tempfile.TemporaryDirectory(prefix="modula-ckpt-") as d:
-        save_pretrain_checkpoint(d, model, optimizer, scheduler, step, log)
+        save_pretrain_checkpoint(d, model, optimizer, scheduler, step, log,
+                                 {"scaler": scaler.state_dict()} if scaler is not None else None)
         if final:
             raw = model.module if hasattr(model, "module") else model
             raw.save_pretrained(Path(d) / "hf")
@@ -302,7 +321,9 @@ def run_pretrain(cfg: ModulaConfig, storage: Storage | None = None, force: bool 
         data_seconds += time.time() - t0
         console.print(f"training rows: {rows} packed sequences of {max_len} tokens "
                       f"({rows * max_len / 1e6:.2f}M token slots); {stage.steps} steps x "
-                      f"{stage.batch_size} = {stage.steps * stage.batch_size / max(rows, 1):.2f} epochs")
+                      f"{stage.effective_batch} = "
+                      f"{stage.steps * stage.effective_batch / max(rows, 1):.2f} epochs")
+        console.print("pretraining: " + batch_line(stage, max_len))
 
         # a stable name: a stopped run resumes from its last checkpoint; --force starts afresh
         run_name = f"pretrain-{fp[:16]}" + (time.strftime("-%Y%m%d-%H%M%S") if force else "")

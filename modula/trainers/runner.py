@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import ValidationError
 from rich.console import Console
 
-from modula.basemodel import load_base_model, resolve_base_dir
+from modula.basemodel import check_base_model, load_base_model, resolve_base_dir
 from modula.config.schema import DomainConfig, ModulaConfig
 from modula.data.build import ensure_data
 from modula.data.encode import tokenized_dataset
@@ -41,7 +41,7 @@ from modula.model import (
     save_experts,
 )
 from modula.trainers.classifier import CLASSIFY_KEY, classifier_dataset
-from modula.trainers.common import EXPERTS_DIR, PlanError, StageError
+from modula.trainers.common import EXPERTS_DIR, PlanError, StageError, batch_line
 from modula.trainers.loop import adapter_loop
 from modula.trainers.plan import CLASSIFIER, StageRun, plan_stage, stage_runs
 from modula.trainers.progress import FitJob, ProgressBoard, fit_many_with_progress
@@ -67,6 +67,8 @@ class RunCost:
     final_loss: float | None
     resumed: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
+    # rows behind one optimizer step: per-worker micro-batch x grad_accum_steps x workers
+    effective_batch: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -227,6 +229,7 @@ def _collect(result: Any, run: StageRun, storage: Storage, work_key: str, wall: 
         worker_seconds=round(float(cost["loop_seconds"]) * int(cost["world_size"]), 2),
         final_loss=cost.get("final_loss"), resumed=int(cost.get("resumed", 0)),
         metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        effective_batch=int(cost.get("effective_batch", 0)),
     )
     storage.write_text(f"{work_key}/costs/{run.name}.json", json.dumps(rc.to_dict(), indent=2))
     return rc
@@ -246,6 +249,7 @@ def run_stage(cfg: ModulaConfig, runs: list[StageRun], storage: Storage | None =
     """
     console = console or Console()
     storage = storage or Storage(cfg.storage)
+    check_base_model(cfg, storage)
     connect(cfg.cluster)
     needed = sorted({d for r in runs for d in r.data})
     ensure_data(cfg, storage, needed)
@@ -279,6 +283,10 @@ def run_stage(cfg: ModulaConfig, runs: list[StageRun], storage: Storage | None =
                     return res
 
                 label = run.stage if run.stage != "domains" else "domain " + "+".join(run.trains)
+                section = cfg.stages.get(run.section)
+                console.print(f"{variant} {label}: " + batch_line(
+                    section, section.max_length or cfg.model.max_length,
+                    len(run.pinned) or 1))
                 jobs.append(FitJob(f"{variant} {label}", fit, board,
                                    cfg.stages.get(run.section).steps))
             try:
