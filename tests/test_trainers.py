@@ -174,6 +174,30 @@ def test_workers_read_local_inputs_in_place(tmp_path):
                         tmp_path / "cache") == {}
 
 
+def test_add_domain_that_lost_a_race_says_to_run_again(tmp_path, monkeypatch):
+    """Another version was published while the new expert trained: nothing is promoted, and
+    the error says what to do."""
+    from modula.infra.registry import Registry, RegistryConflict
+    from modula.infra.storage import Storage
+    from modula.trainers import runner
+
+    cfg = config_from_dict(_raw(str(tmp_path / "store")))
+    src = tmp_path / "v1"
+    src.mkdir()
+    for f in ("universal.safetensors", "domain-math.safetensors", "routers.safetensors"):
+        (src / f).write_bytes(f.encode())
+    Registry(Storage(cfg.storage)).publish("modula", src, {"domains": ["math"]})
+
+    def lost(*args, **kwargs):
+        raise RegistryConflict("model 'modula': version 2 was published while version 3 was "
+                               "being published on 1; 3 was not promoted")
+    monkeypatch.setattr(runner, "run_stage", lambda *a, **k: [])
+    monkeypatch.setattr(runner, "publish", lost)
+    with pytest.raises(RegistryConflict, match=r"trained on v1, which is no longer the latest: "
+                                               r"run `modula add-domain units` again"):
+        runner.add_domain(cfg, "units", show_progress=False)
+
+
 # ------------------------------------------------------------------------------ integration
 
 

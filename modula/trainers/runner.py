@@ -29,7 +29,7 @@ from modula.data.io import read_dataset
 from modula.data.tokenizer import load_tokenizer
 from modula.infra.connect import connect
 from modula.infra.layout import TRAIN_RUNS, expert_file, published_name, workspace_key
-from modula.infra.registry import ExpertSpec, Registry
+from modula.infra.registry import ExpertSpec, Registry, RegistryConflict
 from modula.infra.storage import Storage
 from modula.model import attach_modula, load_expert, save_experts
 from modula.trainers.common import EXPERTS_DIR, PlanError, StageError
@@ -326,7 +326,8 @@ def publish(cfg: ModulaConfig, storage: Storage | None = None, name: str | None 
             specs[e["name"]] = ExpertSpec(
                 file=e["file"], kind="router" if e["name"] == "routers" else None,
                 training={k: last.get(k) for k in ("run", "stage", "steps", "tokens",
-                                                   "trainable_parameters", "worker_seconds")
+                                                   "trainable_parameters", "worker_seconds",
+                                                   "nodes")
                           if k in last},
                 metrics={"final_loss": last.get("final_loss")} if last else {},
             )
@@ -410,6 +411,11 @@ def add_domain(cfg: ModulaConfig, domain: str, data: str | None = None,
     costs += run_stage(cfg, [expert_run], storage, name, console, show_progress)
     (router_run,) = stage_runs(cfg, "router", domains=new_order, name=name)
     costs += run_stage(cfg, [router_run], storage, name, console, show_progress)
-    version = publish(cfg, storage, name=name, variant=variant, costs=costs, console=console,
-                      base_version=latest.version, domains=new_order)
+    try:
+        version = publish(cfg, storage, name=name, variant=variant, costs=costs,
+                          console=console, base_version=latest.version, domains=new_order)
+    except RegistryConflict as exc:
+        raise RegistryConflict(
+            f"{exc}. {domain!r} was trained on v{latest.version}, which is no longer the latest: "
+            f"run `modula add-domain {domain}` again to add it to the latest version") from None
     return version, costs
