@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test soak lint clean
 
 setup: $(STAMP)
 
@@ -19,8 +19,17 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/modula demo --config configs/default.yaml
 
+# two pytest processes: tests/multinode joins a multi-node Ray cluster, and a driver is
+# connected to one Ray cluster at a time (the first session shares one local Ray); both run,
+# and the target fails if either does
 test: setup
-	$(PY) -m pytest tests --durations=15
+	$(PY) -m pytest tests --durations=15; main=$$?; \
+	$(PY) -m pytest tests/multinode --durations=5; multi=$$?; \
+	test $$main -eq 0 -a $$multi -eq 0
+
+# 10 minutes of mixed traffic against one service, a hot add-domain halfway (not in `test`)
+soak: setup
+	$(PY) benchmarks/soak.py --minutes 10
 
 lint: setup
 	$(VENV)/bin/ruff check modula tests benchmarks

@@ -22,6 +22,23 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+MULTINODE = Path(__file__).resolve().parent / "multinode"
+
+
+def pytest_ignore_collect(collection_path, config):
+    """tests/multinode runs in a pytest process of its own (`make test` starts it after this
+    one): its driver joins a multi-node cluster, and a driver is connected to one Ray cluster
+    at a time while this session shares one local Ray. Collected only when a path given on the
+    command line is that folder or inside it."""
+    if Path(collection_path).resolve() != MULTINODE:
+        return None
+    for arg in config.args:
+        p = Path(config.invocation_params.dir, arg.split("::")[0]).resolve()
+        if p == MULTINODE or MULTINODE in p.parents:
+            return None
+    return True
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests with no marker are unit tests; integration tests run after all unit tests."""
     for item in items:
@@ -124,3 +141,43 @@ def s3_storage(s3_server):
     storage = Storage(s3_storage_config(s3_server))
     storage.ensure_bucket()
     return storage
+
+
+@pytest.fixture()
+def s3_atomic_conditional_writes(s3_server, monkeypatch):
+    """AWS S3's semantics for conditional writes on the loopback server: moto 5 checks
+    ``If-None-Match`` / ``If-Match`` and then writes, two steps that concurrent requests can
+    interleave (test_storage.py shows it); AWS S3 does both as one. Serialising moto's object
+    PUT handler (the server runs in this process) makes check-and-write one step, so the
+    registry's races can be tested under the guarantee it relies on (docs/architecture.md)."""
+    import threading
+
+    from moto.s3.responses import S3Response
+
+    lock = threading.Lock()
+    real = S3Response.put_object
+
+    def put_object(self, *args, **kwargs):
+        with lock:
+            return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(S3Response, "put_object", put_object)
+    return lock
+
+
+@pytest.fixture(scope="module")
+def s3_module():
+    """For modules that cannot import this conftest (tests/multinode has its own): a function
+    that gives (the storage section as data, credentials included; a Storage) on a fresh
+    bucket of the session's S3 server."""
+    from modula.infra.storage import Storage
+
+    def make(endpoint: str):
+        sc = s3_storage_config(endpoint)
+        st = Storage(sc)
+        st.ensure_bucket()
+        return sc.model_dump(mode="python") | {
+            "access_key_id": sc.access_key_id.get_secret_value(),
+            "secret_access_key": sc.secret_access_key.get_secret_value()}, st
+
+    return make

@@ -102,14 +102,15 @@ DOMAINS = ["code", "math", "units"]
 
 def serving_config(root: str | Path, base_dir: str | Path, *, variant: str = "res",
                    stages: dict[str, Any] | None = None, splits: dict[str, int] | None = None,
-                   **serve: Any):
+                   storage: dict[str, Any] | None = None, **serve: Any):
     """A validated config serving `base_dir` with experts from the registry under `root`
     (`stages`, `splits`: the training stages' settings and every domain's split sizes, for
-    tests that train)."""
+    tests that train; `storage`: the whole storage section instead, e.g. an S3 root with its
+    endpoint)."""
     from modula.config import config_from_dict
 
     raw = {
-        "storage": {"root": str(root)},
+        "storage": storage or {"root": str(root)},
         "cluster": {"dashboard": False},
         "model": {"base": str(base_dir), "max_length": 256},
         "modula": {"variant": variant, "universal_rank": 8, "domain_rank": 4},
@@ -300,6 +301,9 @@ class LoadResult:
         self.errors: list[str] = []
         self.latencies: list[float] = []
         self.bodies: list[dict[str, Any]] = []
+        # one (start, end, ok) per request, monotonic seconds: what failed when
+        self.records: list[tuple[float, float, bool]] = []
+        self.disconnected = 0  # streams the client closed on purpose (not failures)
 
     @property
     def total(self) -> int:
@@ -309,12 +313,39 @@ class LoadResult:
     def failed(self) -> int:
         return sum(1 for s in self.statuses if s != 200) + len(self.errors)
 
+    def failed_between(self, start: float, end: float = float("inf")) -> int:
+        return sum(1 for t0, _, ok in self.records if start <= t0 < end and not ok)
+
+    def started_between(self, start: float, end: float = float("inf")) -> int:
+        return sum(1 for t0, _, _ in self.records if start <= t0 < end)
+
+
+def _read_sse(lines: list[str]) -> tuple[dict[str, Any] | None, str | None]:
+    """(the last JSON event, an error) of a finished server-sent-event stream."""
+    import json
+
+    events = [ln[len("data: "):] for ln in lines if ln.startswith("data: ")]
+    if not events or events[-1] != "[DONE]":
+        return None, f"stream ended without [DONE] ({len(events)} events)"
+    last = None
+    for e in events[:-1]:
+        obj = json.loads(e)
+        if "error" in obj:
+            return None, f"error event: {obj['error']}"
+        last = obj
+    return last, None
+
 
 def run_load(url: str, bodies: list[dict[str, Any]], concurrency: int,
              headers: dict[str, str] | None = None, *, stop: Any = None,
              timeout: float = 60.0) -> LoadResult:
     """POST `bodies` (cycled until `stop` is set when given, else each once) to
-    ``/v1/completions`` or ``/v1/chat/completions`` (by shape) from `concurrency` workers."""
+    ``/v1/completions`` or ``/v1/chat/completions`` (by shape) from `concurrency` workers.
+
+    A body with ``"stream": true`` is read to its end (``[DONE]``, no error event); with
+    ``"_disconnect_after": n`` (not sent) the client closes the stream after n events, as a
+    client that goes away does. `timeout` bounds each whole request: one that takes longer
+    counts as failed (hung)."""
     import asyncio
     import itertools
     import time
@@ -322,6 +353,38 @@ def run_load(url: str, bodies: list[dict[str, Any]], concurrency: int,
     import httpx
 
     res = LoadResult()
+
+    async def one(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> bool:
+        cut = body.get("_disconnect_after")
+        payload = {k: v for k, v in body.items() if not k.startswith("_")}
+        if not payload.get("stream"):
+            r = await client.post(url + path, json=payload)
+            res.statuses.append(r.status_code)
+            try:
+                res.bodies.append(r.json())
+            except ValueError:
+                res.bodies.append({"raw": r.text})
+            return r.status_code == 200
+        lines: list[str] = []
+        async with client.stream("POST", url + path, json=payload) as r:
+            if r.status_code != 200:
+                await r.aread()
+                res.statuses.append(r.status_code)
+                res.bodies.append({"raw": r.text})
+                return False
+            async for line in r.aiter_lines():
+                lines.append(line)
+                if cut is not None and sum(ln.startswith("data: ") for ln in lines) >= cut:
+                    res.disconnected += 1
+                    res.statuses.append(200)
+                    res.bodies.append({"disconnected": True})
+                    return True
+        last, err = _read_sse(lines)
+        if err:
+            raise RuntimeError(err)
+        res.statuses.append(200)
+        res.bodies.append(last or {})
+        return True
 
     async def main() -> None:
         it = itertools.cycle(bodies) if stop is not None else iter(bodies)
@@ -334,17 +397,16 @@ def run_load(url: str, bodies: list[dict[str, Any]], concurrency: int,
                         return
                     path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
                     t0 = time.perf_counter()
+                    m0, ok = time.monotonic(), False
                     try:
-                        r = await client.post(url + path, json=body)
-                    except httpx.HTTPError as exc:
+                        ok = await asyncio.wait_for(one(client, path, body), timeout)
+                    except asyncio.TimeoutError:
+                        res.errors.append(f"hung: no answer in {timeout:.0f} s")
+                    except (httpx.HTTPError, RuntimeError, ValueError) as exc:
                         res.errors.append(repr(exc))
-                        continue
-                    res.latencies.append(time.perf_counter() - t0)
-                    res.statuses.append(r.status_code)
-                    try:
-                        res.bodies.append(r.json())
-                    except ValueError:
-                        res.bodies.append({"raw": r.text})
+                    else:
+                        res.latencies.append(time.perf_counter() - t0)
+                    res.records.append((m0, time.monotonic(), ok))
 
             await asyncio.gather(*(worker() for _ in range(concurrency)))
 

@@ -253,6 +253,132 @@ def test_concurrent_threads_publish_distinct_versions(tmp_path):
         assert got.expert_path("universal").read_bytes() == bytes([i]) * 50
 
 
+# ------------------------------------------------------------------ races, with a reader
+
+
+@pytest.fixture(params=BACKENDS)
+def race_storage(request, tmp_path) -> Storage:
+    """Local storage, or S3 on loopback with the conditional writes AWS S3 guarantees (moto's
+    own are not atomic under concurrency: test_storage.py shows it)."""
+    if request.param == "local":
+        return Storage(StorageConfig(root=str(tmp_path / "store")))
+    request.getfixturevalue("s3_atomic_conditional_writes")
+    return request.getfixturevalue("s3_storage")
+
+
+class Reader(threading.Thread):
+    """Polls ``show()`` and ``fetch()`` of the latest version until stopped; records every
+    version it saw and anything that was not a complete, consistent version."""
+
+    def __init__(self, storage: Storage, dest: Path, contents: dict[str, dict[str, bytes]]):
+        super().__init__()
+        self.registry, self.dest, self.contents = Registry(storage), dest, contents
+        self.stop, self.seen, self.problems = threading.Event(), [], []
+
+    def run(self) -> None:
+        i, last = 0, False
+        while not last:
+            last = self.stop.is_set()  # one more read once the publishers are done
+            i += 1
+            try:
+                mv = self.registry.show("tiny")
+                if self.seen and mv.version < self.seen[-1]:
+                    self.problems.append(f"LATEST went back: {self.seen[-1]} -> {mv.version}")
+                self.seen.append(mv.version)
+                got = self.registry.fetch("tiny", mv.version, self.dest / f"r{i}")
+                want = self.contents[mv.metadata["who"]]
+                files = {p.name[:-len(".safetensors")]: p.read_bytes()
+                         for p in got.path.glob("*.safetensors")}
+                if files != want:
+                    self.problems.append(f"v{mv.version} ({mv.metadata['who']}): files {sorted(files)}"
+                                         f" differ from what was published")
+            except Exception as exc:  # noqa: BLE001 - a torn read is any failure at all
+                self.problems.append(f"{type(exc).__name__}: {exc}")
+
+
+def _race_publishes(storage: Storage, tmp_path: Path, jobs: dict[str, dict],
+                    contents: dict[str, dict[str, bytes]]) -> tuple[dict, dict, Reader]:
+    """Run every job's publish in its own thread, all claiming a version number at once (a
+    barrier at the "number" step), with a reader polling throughout. Returns (versions of the
+    publishes that succeeded, errors of the others, the reader)."""
+    barrier = threading.Barrier(len(jobs), timeout=30)
+    reader = Reader(storage, tmp_path / "reader", contents)
+    done, failed = {}, {}
+
+    def publish(who: str, job: dict) -> None:
+        reg = Registry(storage)
+        first = []
+
+        def hook(step: str) -> None:
+            if step == "number" and not first:  # every publisher has picked the same number
+                first.append(step)
+                barrier.wait()
+        reg._hook = hook
+        try:
+            done[who] = reg.publish("tiny", expert_dir(tmp_path / who, contents[who]),
+                                    {"who": who}, base_version=job.get("base"))
+        except RegistryConflict as exc:
+            failed[who] = exc
+
+    threads = [threading.Thread(target=publish, args=(w, j)) for w, j in jobs.items()]
+    reader.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    reader.stop.set()
+    reader.join()
+    return done, failed, reader
+
+
+@pytest.mark.parametrize("round_", range(3))
+def test_racing_publishes_each_get_one_version_and_readers_never_see_a_torn_one(
+        race_storage, tmp_path, round_):
+    contents = {"v1": V1,
+                "a": {**V1, "universal": b"A" * 4000},
+                "b": {**V1, "universal": b"B" * 4000, "router": b"RB" * 500}}
+    first = Registry(race_storage).publish("tiny", expert_dir(tmp_path / "v1", V1), {"who": "v1"})
+    done, failed, reader = _race_publishes(race_storage, tmp_path, {"a": {}, "b": {}}, contents)
+    assert not failed and sorted(mv.version for mv in done.values()) == [2, 3]
+    reg = Registry(race_storage)
+    assert reg.list_versions("tiny") == [1, 2, 3] and reg.latest_version("tiny") == 3
+    for who, mv in done.items():  # each version holds exactly its publisher's files
+        shown = reg.show("tiny", mv.version)
+        assert shown.publish_id == mv.publish_id and shown.metadata == {"who": who}
+        files = reg.fetch("tiny", mv.version, tmp_path / f"check-{who}").path
+        assert {p.name: p.read_bytes() for p in files.glob("*.safetensors")} == {
+            f"{n}.safetensors": b for n, b in contents[who].items()}
+    assert {mv.parent for mv in done.values()} <= {first.version, 2}
+    assert not reader.problems, reader.problems
+    assert reader.seen and reader.seen[-1] == 3
+
+
+@pytest.mark.parametrize("round_", range(3))
+def test_racing_add_domains_on_one_base_one_wins_the_other_is_told(race_storage, tmp_path,
+                                                                    round_):
+    contents = {"v1": V1,
+                "geo": {**V1, "geo": b"G" * 2000, "router": b"RG" * 500},
+                "law": {**V1, "law": b"L" * 2000, "router": b"RL" * 500}}
+    Registry(race_storage).publish("tiny", expert_dir(tmp_path / "v1", V1), {"who": "v1"})
+    done, failed, reader = _race_publishes(
+        race_storage, tmp_path, {"geo": {"base": 1}, "law": {"base": 1}}, contents)
+    assert len(done) == 1 and len(failed) == 1, (done, failed)
+    (winner, mv), (loser, err) = next(iter(done.items())), next(iter(failed.items()))
+    assert "was published" in str(err) or "latest is" in str(err)
+    reg = Registry(race_storage)
+    assert reg.latest_version("tiny") == mv.version and mv.parent == 1
+    # the loser left no version behind: only the base and the winner exist
+    assert reg.list_versions("tiny") == [1, mv.version]
+    assert set(reg.show("tiny").experts) == {*V1, winner}
+    assert not reader.problems, reader.problems
+    assert set(reader.seen) <= {1, mv.version} and reader.seen[-1] == mv.version
+    # the loser redoes its add-domain on the new latest: it gets the next version
+    again = reg.publish("tiny", expert_dir(tmp_path / f"{loser}-again", {
+        **contents[winner], loser: contents[loser][loser]}), {"who": "again"},
+        base_version=mv.version)
+    assert again.version == mv.version + 1 and set(again.experts) == {*V1, winner, loser}
+
+
 def test_missing_or_corrupt_files_fail_fetch_clearly(registry, storage, tmp_path):
     mv = registry.publish("tiny", expert_dir(tmp_path / "m", V1), META)
     math_blob = f"registry/tiny/blobs/{mv.experts['math'].sha256}"

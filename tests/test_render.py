@@ -150,6 +150,20 @@ def test_serve_config_is_a_valid_serve_deploy_file(cfg):
     assert again.cluster.address == "auto"
 
 
+def test_replica_custom_resources_reach_the_serve_config():
+    from ray.serve.schema import ServeDeploySchema
+
+    cfg = config_from_dict({"serve": {"resources": {"num_cpus": 0.5,
+                                                    "custom_resources": {"expert_host": 1}}}})
+    (doc,) = render_objects(cfg, "serve")
+    (app,) = ServeDeploySchema.model_validate(doc).applications
+    deps = {d.name: d for d in app.deployments}
+    assert deps["Experts"].ray_actor_options.resources == {"expert_host": 1.0}
+    assert deps["Experts"].ray_actor_options.num_cpus == 0.5
+    # the ingress and the router reserve no custom resource
+    assert not deps["Router"].ray_actor_options.resources
+
+
 def test_cluster_launcher_validates_against_ray_schema(cfg):
     (doc,) = render_objects(cfg, "cluster-launcher")
     ray_up_check(doc)  # ray-schema.json, as `ray up` does

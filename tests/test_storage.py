@@ -104,6 +104,68 @@ def test_create_bytes_race_has_exactly_one_winner(tmp_path):
     assert len(wins) == 1 and st.read_text("claim") == str(wins[0])
 
 
+def _interleave_moto_puts(monkeypatch, key_suffix: str, parties: int = 2) -> None:
+    """Hold every moto PUT of a key ending in `key_suffix` after its condition check and before
+    its write until `parties` of them are there (or 2 s pass): the worst interleaving."""
+    from moto.s3.models import S3Backend
+
+    barrier = threading.Barrier(parties, timeout=2.0)
+    real = S3Backend.put_object
+
+    def put_object(self, bucket_name, key_name, *args, **kwargs):
+        if key_name.endswith(key_suffix):
+            try:
+                barrier.wait()
+            except threading.BrokenBarrierError:
+                pass  # the others never came (their check failed first): write alone
+        return real(self, bucket_name, key_name, *args, **kwargs)
+
+    monkeypatch.setattr(S3Backend, "put_object", put_object)
+
+
+def _race(n: int, fn) -> list:
+    results: list = [None] * n
+
+    def run(i: int) -> None:
+        results[i] = fn(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+@pytest.mark.integration
+def test_moto_checks_conditions_apart_from_the_write(s3_storage, monkeypatch):
+    """What the loopback S3 guarantees: moto 5 checks If-None-Match / If-Match, then writes, in
+    two steps; two requests whose checks both pass before either writes BOTH succeed (the last
+    write wins). AWS S3 answers one of them 412 / 409. So on moto a conditional write is
+    exclusive only when requests do not overlap; the registry's race tests therefore run
+    moto with its PUT handler serialised (the AWS semantics), see the next test."""
+    _interleave_moto_puts(monkeypatch, "/claim")
+    wins = _race(2, lambda i: s3_storage.create_bytes("claim", f"{i}".encode()))
+    assert wins == [True, True], "moto enforced If-None-Match atomically: update docs"
+    assert s3_storage.read_text("claim") in ("0", "1")
+    _, tag = s3_storage.read_bytes_tagged("claim")
+    swaps = _race(2, lambda i: s3_storage.replace_bytes("claim", f"swap{i}".encode(), tag))
+    assert swaps == [True, True], "moto enforced If-Match atomically: update docs"
+
+
+@pytest.mark.integration
+def test_serialised_moto_has_exactly_one_winner(s3_storage, monkeypatch,
+                                                s3_atomic_conditional_writes):
+    _interleave_moto_puts(monkeypatch, "/claim")
+    wins = _race(2, lambda i: s3_storage.create_bytes("claim", f"{i}".encode()))
+    assert sorted(wins) == [False, True]
+    assert s3_storage.read_text("claim") == str(wins.index(True))
+    _, tag = s3_storage.read_bytes_tagged("claim")
+    swaps = _race(2, lambda i: s3_storage.replace_bytes("claim", f"swap{i}".encode(), tag))
+    assert sorted(swaps) == [False, True]
+    assert s3_storage.read_text("claim") == f"swap{swaps.index(True)}"
+
+
 def test_parquet_through_the_arrow_filesystem(storage):
     fs = storage.arrow_filesystem()
     table = pa.table({"id": list(range(100)), "text": [f"row {i}" for i in range(100)]})

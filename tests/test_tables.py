@@ -37,13 +37,19 @@ def _version() -> ModelVersion:
 
 
 def _costs() -> list[RunCost]:
-    def cost(trains: list[str], workers: int = 1, resumed: int = 0) -> RunCost:
+    def node(rank: int, i: int) -> dict:
+        return {"rank": rank, "node_id": f"{i:02d}" + "ab" * 27, "ip": f"10.128.200.{i}"}
+
+    def cost(trains: list[str], workers: int = 1, resumed: int = 0, at: int = 1) -> RunCost:
+        nodes = [node(r, at + r) for r in range(workers)]
+        history = [[n["node_id"] for n in nodes]] * (resumed + 1)
         return RunCost(f"modula-res-{'-'.join(trains)}-0123456789", "domains", "res", trains,
                        1_234_567, 12_345_678, 370, workers, 1234.5, 1200.0, 2400.0, 2.3456,
-                       resumed=resumed, effective_batch=128 * workers)
+                       resumed=resumed, effective_batch=128 * workers, nodes=nodes,
+                       node_history=history)
 
-    return [cost(["universal"]), cost(["headlines"], workers=2, resumed=1), cost(["routers"]),
-            cost(["code", "math", "units", "headlines", "routers"])]
+    return [cost(["universal"]), cost(["headlines"], workers=2, resumed=1, at=2),
+            cost(["routers"], at=3), cost(["code", "math", "units", "headlines", "routers"])]
 
 
 def _results() -> dict[str, VariantResult]:

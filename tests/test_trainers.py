@@ -133,7 +133,111 @@ def test_checkpoint_round_trip_and_every_corruption(tmp_path):
             load_checkpoint(d, m2, opt2)
 
 
+def test_a_run_hands_its_workers_storage_keys_and_placement_not_driver_paths(tmp_path):
+    """Workers may run on another node: the trainer's loop config names the earlier stages'
+    experts by storage key (each worker fetches them), never by a folder on the driver."""
+    from modula.infra.storage import Storage
+    from modula.trainers.progress import ProgressBoard
+    from modula.trainers.runner import _trainer
+
+    raw = _raw(str(tmp_path / "store"))
+    raw["stages"]["router"]["scaling"] = {"num_workers": 2, "cpus_per_worker": 1,
+                                          "placement": "spread",
+                                          "custom_resources": {"trainer": 1}}
+    cfg = config_from_dict(raw)
+    (run,) = stage_runs(cfg, "router")
+    trainer = _trainer(cfg, run, Storage(cfg.storage), {}, "work/modula/res",
+                       ProgressBoard("board"), pad_id=0, validate=False)
+    loop = trainer.train_loop_config
+    assert loop["inputs_key"] == "work/modula/res"
+    # nothing but the config, the run and the board's name: no local path at all
+    plain = {k: v for k, v in loop.items() if k not in ("cfg", "run", "board")}
+    assert not [v for v in plain.values() if isinstance(v, str) and Path(v).exists()]
+    assert trainer.scaling_config.placement_strategy == "SPREAD"
+    assert trainer.scaling_config.resources_per_worker == {"CPU": 1.0, "trainer": 1.0}
+    assert config_from_dict(_raw("/tmp/x")).stages.router.scaling.placement_strategy == "PACK"
+
+
+def test_workers_read_local_inputs_in_place(tmp_path):
+    from modula.infra.storage import Storage
+    from modula.trainers.loop import fetch_inputs
+
+    cfg = config_from_dict(_raw(str(tmp_path / "store")))
+    (router,) = stage_runs(cfg, "router")
+    st = Storage(cfg.storage)
+    for name in ("universal", "math"):
+        st.write_bytes(f"work/modula/res/{'universal' if name == 'universal' else 'domain-' + name}"
+                       ".safetensors", name.encode())
+    got = fetch_inputs(cfg, router, "work/modula/res", tmp_path / "cache")
+    assert set(got) == {"universal", "math"}  # units was never trained: left out
+    assert got["math"] == tmp_path / "store/work/modula/res/domain-math.safetensors"
+    assert not (tmp_path / "cache").exists()  # nothing copied
+    assert fetch_inputs(cfg, stage_runs(cfg, "universal")[0], "work/modula/res",
+                        tmp_path / "cache") == {}
+
+
+def test_add_domain_that_lost_a_race_says_to_run_again(tmp_path, monkeypatch):
+    """Another version was published while the new expert trained: nothing is promoted, and
+    the error says what to do."""
+    from modula.infra.registry import Registry, RegistryConflict
+    from modula.infra.storage import Storage
+    from modula.trainers import runner
+
+    cfg = config_from_dict(_raw(str(tmp_path / "store")))
+    src = tmp_path / "v1"
+    src.mkdir()
+    for f in ("universal.safetensors", "domain-math.safetensors", "routers.safetensors"):
+        (src / f).write_bytes(f.encode())
+    Registry(Storage(cfg.storage)).publish("modula", src, {"domains": ["math"]})
+
+    def lost(*args, **kwargs):
+        raise RegistryConflict("model 'modula': version 2 was published while version 3 was "
+                               "being published on 1; 3 was not promoted")
+    monkeypatch.setattr(runner, "run_stage", lambda *a, **k: [])
+    monkeypatch.setattr(runner, "publish", lost)
+    with pytest.raises(RegistryConflict, match=r"trained on v1, which is no longer the latest: "
+                                               r"run `modula add-domain units` again"):
+        runner.add_domain(cfg, "units", show_progress=False)
+
+
 # ------------------------------------------------------------------------------ integration
+
+
+@pytest.mark.integration
+def test_workers_fetch_s3_inputs_into_their_own_folder(s3_server, tiny_base, tmp_path):
+    from conftest import s3_storage_config
+
+    from modula.infra.storage import Storage
+    from modula.trainers.loop import build_stage_model, fetch_inputs
+
+    sc = s3_storage_config(s3_server)
+    raw = _raw(sc.root)
+    raw["storage"] = sc.model_dump(mode="python") | {
+        "access_key_id": sc.access_key_id.get_secret_value(),
+        "secret_access_key": sc.secret_access_key.get_secret_value()}
+    raw["model"]["base"] = str(tiny_base)
+    cfg = config_from_dict(raw)
+    st = Storage(cfg.storage)
+    st.ensure_bucket()
+    (uni,) = stage_runs(cfg, "universal")
+    (math_run, _) = stage_runs(cfg, "domains")
+    # a universal expert in the workspace, as the universal stage leaves it
+    from modula.model import save_expert
+
+    model = build_stage_model(cfg, uni, {})
+    save_expert(model, "universal", tmp_path / "u.safetensors")
+    st.upload_file(tmp_path / "u.safetensors", "work/modula/res/universal.safetensors")
+    st.write_bytes("work/modula/res/domain-units.safetensors", b"not needed by math")
+    got = fetch_inputs(cfg, math_run, "work/modula/res", tmp_path / "node-cache")
+    assert got == {"universal": tmp_path / "node-cache/universal.safetensors"}
+    assert sorted(p.name for p in (tmp_path / "node-cache").iterdir()) == ["universal.safetensors"]
+    assert build_stage_model(cfg, math_run, got).domains == ["math", "units"]
+    # a missing expert names the storage it was looked for in
+    (router,) = stage_runs(cfg, "router")
+    with pytest.raises(FileNotFoundError, match=r"expert 'math' .*s3://.*work/modula/res has no domain-math"):
+        build_stage_model(cfg, router, fetch_inputs(cfg, router, "work/modula/res",
+                                                    tmp_path / "c2"),
+                          where=st.uri("work/modula/res"))
 
 
 @pytest.fixture(scope="module")

@@ -416,16 +416,56 @@ class DomainConfig(_Section):
 # stages
 
 
+# resources Ray names itself: they have their own fields, never a custom resource's name
+_RAY_RESOURCES = ("CPU", "GPU", "TPU", "memory", "object_store_memory")
+
+
+def _check_custom_resources(v: dict[str, float]) -> dict[str, float]:
+    for name, amount in v.items():
+        if name in _RAY_RESOURCES or name.lower() in ("cpu", "gpu", "tpu"):
+            raise ValueError(f"{name!r} is not a custom resource (CPUs and GPUs have their own "
+                             f"fields; not allowed here: {', '.join(_RAY_RESOURCES)})")
+        if not re.match(r"^[A-Za-z0-9_.:/-]+$", name):
+            raise ValueError(f"resource name {name!r}: letters, digits and '_.:/-' only")
+        if not amount > 0:
+            raise ValueError(f"resource {name!r}: the amount must be > 0 (got {amount})")
+    return v
+
+
 class ScalingConfigSpec(_Section):
     """Mirrors ray.train.ScalingConfig for one stage."""
 
     num_workers: Annotated[int, Field(ge=1, le=4096)] = 1
     cpus_per_worker: Annotated[float, Field(gt=0)] = 1.0
     gpus_per_worker: Annotated[float, Field(ge=0)] = 0.0
+    # where a run's workers go (Ray Train's placement_strategy): `pack` fills as few nodes as
+    # possible, `spread` puts them on different nodes where it can (soft: a run that lost a
+    # node packs onto the ones left)
+    placement: Literal["pack", "spread"] = "pack"
+    # custom logical resources every worker reserves, e.g. {trainer: 1} for nodes started with
+    # `--resources '{"trainer": 2}'`: keeps the runs on the nodes that have them
+    custom_resources: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("custom_resources")
+    @classmethod
+    def _custom(cls, v: dict[str, float]) -> dict[str, float]:
+        return _check_custom_resources(v)
 
     @property
     def use_gpu(self) -> bool:
         return self.gpus_per_worker > 0
+
+    @property
+    def placement_strategy(self) -> str:
+        """Ray's name of :attr:`placement`."""
+        return self.placement.upper()
+
+    def resources_per_worker(self) -> dict[str, float]:
+        """``ScalingConfig(resources_per_worker=...)``: CPUs, GPUs and the custom resources."""
+        out = {"CPU": self.cpus_per_worker, **self.custom_resources}
+        if self.use_gpu:
+            out["GPU"] = self.gpus_per_worker
+        return out
 
 
 class StageConfig(_Section):
@@ -683,8 +723,17 @@ class BatchingSpec(_Section):
 
 
 class ReplicaResources(_Section):
+    """What each expert replica reserves."""
+
     num_cpus: Annotated[float, Field(ge=0)] = 1.0
     num_gpus: Annotated[float, Field(ge=0)] = 0.0
+    # custom logical resources, e.g. {expert_host: 1}: replicas go only to nodes that have them
+    custom_resources: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("custom_resources")
+    @classmethod
+    def _custom(cls, v: dict[str, float]) -> dict[str, float]:
+        return _check_custom_resources(v)
 
 
 class ServeConfig(_Section):

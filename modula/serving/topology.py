@@ -57,6 +57,8 @@ def deployment_options(cfg: ModulaConfig) -> dict[str, dict[str, Any]]:
             "max_ongoing_requests": max(2 * s.batching.max_batch_size, 4),
             "autoscaling_config": s.autoscaling.model_dump(exclude_none=True),
             "ray_actor_options": {"num_cpus": s.resources.num_cpus,
-                                  "num_gpus": s.resources.num_gpus},
+                                  "num_gpus": s.resources.num_gpus,
+                                  **({"resources": dict(s.resources.custom_resources)}
+                                     if s.resources.custom_resources else {})},
         }
     return out

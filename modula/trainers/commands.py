@@ -57,10 +57,36 @@ def cost_table(costs: list[RunCost], title: str) -> Table:
                   f"{c.effective_batch}" if c.effective_batch else "-",
                   f"{c.wall_seconds:.0f}", f"{c.worker_seconds:.0f}",
                   f"{c.final_loss:.3f}" if c.final_loss is not None else "-")
+    notes = []
     resumed = [f"{', '.join(c.trains)} ({c.resumed}x)" for c in costs if c.resumed]
     if resumed:
-        t.caption = "resumed from a checkpoint: " + "; ".join(resumed)
+        notes.append("resumed from a checkpoint: " + "; ".join(resumed))
+    where = _nodes_note(costs)
+    if where:
+        notes.append(where)
+    if notes:
+        t.caption = "\n".join(notes)
     return t
+
+
+def _nodes_note(costs: list[RunCost]) -> str:
+    """Where the runs' workers ran, when they used more than one node in all: each node by its
+    IP address, or by its id where several nodes share an address (nodes on one machine)."""
+    ids = {n["node_id"] for c in costs for n in c.nodes}
+    if len(ids) < 2:
+        return ""
+    by_ip = len({n["ip"] for c in costs for n in c.nodes}) == len(ids)
+
+    def label(n: dict) -> str:
+        return n["ip"] if by_ip else f"node {n['node_id'][:6]}"
+
+    parts = []
+    for c in costs:
+        if c.nodes:
+            seen = ", ".join(dict.fromkeys(label(n) for n in c.nodes))
+            moved = f" ({len(c.node_history)} attempts)" if len(c.node_history) > 1 else ""
+            parts.append(f"{', '.join(c.trains)} on {seen}{moved}")
+    return "nodes: " + "; ".join(parts)
 
 
 def pretrain_cmd(

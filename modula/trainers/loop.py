@@ -19,6 +19,7 @@ from modula.basemodel import load_base_model
 from modula.config.schema import ModulaConfig
 from modula.data.encode import ROUTE_TARGETS
 from modula.infra.layout import expert_file
+from modula.infra.storage import Storage
 from modula.model import attach_modula, load_expert, save_expert
 from modula.trainers.classifier import CLASSIFY_KEY, fit_classifier
 from modula.trainers.common import (
@@ -34,7 +35,7 @@ from modula.trainers.common import (
 )
 from modula.trainers.plan import CLASSIFIER, StageRun
 
-__all__ = ["adapter_loop", "build_stage_model"]
+__all__ = ["adapter_loop", "build_stage_model", "fetch_inputs", "worker_node"]
 
 
 def _cycle(shard: Any, batch_size: int, seed: int) -> Any:
@@ -131,11 +132,36 @@ def _model_inputs(batch: dict[str, Any], pin: int | None) -> dict[str, Any]:
     return kw
 
 
-def build_stage_model(cfg: ModulaConfig, run: StageRun, inputs_dir: Path | None) -> Any:
-    """The base model with MoDULA attached as the run needs it, earlier experts loaded,
-    and exactly the run's parameters trainable. The experts are float32 whatever
-    ``model.dtype`` is: the master weights the optimizer updates (``precision`` only
-    autocasts the forward)."""
+def fetch_inputs(cfg: ModulaConfig, run: StageRun, inputs_key: str | None,
+                 cache: Path) -> dict[str, Path]:
+    """The earlier stages' expert files this run loads, as files on this worker's node: read in
+    place from a local storage root (one machine, or a file system every node mounts),
+    downloaded into `cache` from S3. Each worker fetches them itself, so it does not matter
+    which node it runs on. A missing expert is left out (:func:`build_stage_model` names it)."""
+    if not run.inputs or inputs_key is None:
+        return {}
+    storage = Storage(cfg.storage)
+    out: dict[str, Path] = {}
+    for name in run.inputs:
+        key = f"{inputs_key}/{expert_file(name)}"
+        if not storage.is_s3:
+            path = Path(storage.uri(key))
+            if path.is_file():
+                out[name] = path
+            continue
+        try:
+            out[name] = storage.download_file(key, cache / expert_file(name))
+        except FileNotFoundError:
+            continue
+    return out
+
+
+def build_stage_model(cfg: ModulaConfig, run: StageRun, inputs: dict[str, Path],
+                      where: str = "the workspace") -> Any:
+    """The base model with MoDULA attached as the run needs it, earlier experts loaded from
+    `inputs` (:func:`fetch_inputs`), and exactly the run's parameters trainable. The experts
+    are float32 whatever ``model.dtype`` is: the master weights the optimizer updates
+    (``precision`` only autocasts the forward)."""
     import torch
 
     base, _ = load_base_model(cfg)
@@ -143,12 +169,11 @@ def build_stage_model(cfg: ModulaConfig, run: StageRun, inputs_dir: Path | None)
     model = attach_modula(base, layer_cfg, domains=list(run.domains),
                           adapter_dtype=torch.float32)
     for name in run.inputs:
-        path = (inputs_dir / expert_file(name)) if inputs_dir else None
-        if path is None or not path.is_file():
+        if name not in inputs:
             raise FileNotFoundError(
                 f"run {run.name}: expert {name!r} from an earlier stage is missing "
-                f"({path}); train that stage first")
-        load_expert(model, name, path)
+                f"({where} has no {expert_file(name)}); train that stage first")
+        load_expert(model, name, inputs[name])
     if run.model_stage is not None:
         model.set_stage(run.model_stage)
     else:  # a packed domain run: each listed expert trains, each on its own pinned rows
@@ -157,6 +182,27 @@ def build_stage_model(cfg: ModulaConfig, run: StageRun, inputs_dir: Path | None)
             for p in model.expert_parameters(name):
                 p.requires_grad_(True)
     return model
+
+
+def worker_node() -> dict[str, str]:
+    """Where this process runs: the Ray node id and the node's IP address."""
+    import ray
+
+    return {"node_id": ray.get_runtime_context().get_node_id(),
+            "ip": ray.util.get_node_ip_address()}
+
+
+def _gather_nodes(world: int) -> list[dict[str, Any]]:
+    """Every rank's :func:`worker_node`, in rank order (an all-gather: every rank calls it)."""
+    import torch.distributed as dist
+
+    me = worker_node()
+    if world > 1 and dist.is_initialized():
+        everyone: list[Any] = [None] * world
+        dist.all_gather_object(everyone, me)
+    else:
+        everyone = [me]
+    return [{"rank": r, **n} for r, n in enumerate(everyone)]
 
 
 def _validation_shards(config: dict[str, Any], run: StageRun, pins: dict[str, int | None]
@@ -215,7 +261,8 @@ def _report(metrics: dict[str, Any], model: Any, optimizer: Any, state: dict[str
                 "steps": state["step"], "final_loss": state["loss"], "resumed": state["resumed"],
                 "effective_batch": state["effective_batch"],
                 **({"classifier_accuracy": state["classifier_accuracy"]}
-                   if "classifier_accuracy" in state else {})}))
+                   if "classifier_accuracy" in state else {}),
+                "nodes": state["nodes"], "node_history": state["node_history"]}))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
@@ -235,8 +282,11 @@ def adapter_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(stage.seed)
     device = get_device()  # the worker's GPU with use_gpu, else the CPU
 
-    inputs_dir = Path(config["inputs_dir"]) if config.get("inputs_dir") else None
-    model = build_stage_model(cfg, run, inputs_dir).to(device)
+    inputs_key = config.get("inputs_key")
+    with tempfile.TemporaryDirectory(prefix="modula-inputs-") as cache:
+        inputs = fetch_inputs(cfg, run, inputs_key, Path(cache))
+        model = build_stage_model(cfg, run, inputs, where=Storage(cfg.storage).uri(
+            inputs_key or "")).to(device)
     model.train()
     if stage.gradient_checkpointing:
         model.enable_activation_checkpointing()
@@ -254,6 +304,10 @@ def adapter_loop(config: dict[str, Any]) -> None:
             state = load_checkpoint(Path(d), model, optimizer)
         state["resumed"] = int(state.get("resumed", 0)) + 1
     scaler = grad_scaler(stage.precision, device, state.get("scaler"))
+    # where this attempt's workers run; a resumed run keeps the earlier attempts' nodes
+    nodes = _gather_nodes(world)
+    state["nodes"] = nodes
+    state["node_history"] = [*state.get("node_history", []), [n["node_id"] for n in nodes]]
 
     streams = list(run.pinned) or ["train"]
     pins = {s: (run.domains.index(s) if run.pinned else None) for s in streams}

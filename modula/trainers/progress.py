@@ -38,9 +38,13 @@ class ProgressBoard:
 
     def create(self) -> ProgressBoard:
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+        # on the driver's node, like Ray Train's own controller: losing a worker node must not
+        # take the board (and the driver's progress display) with it
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
         self._actor = ray.remote(num_cpus=0)(_Board).options(
-            name=self.name, get_if_exists=True).remote()
+            name=self.name, get_if_exists=True, scheduling_strategy=here).remote()
         return self
 
     @property

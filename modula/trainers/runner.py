@@ -30,7 +30,7 @@ from modula.data.tokenizer import load_tokenizer
 from modula.infra.connect import connect
 from modula.infra.files import sha256_file
 from modula.infra.layout import TRAIN_RUNS, expert_file, published_name, workspace_key
-from modula.infra.registry import ExpertSpec, Registry
+from modula.infra.registry import ExpertSpec, Registry, RegistryConflict
 from modula.infra.storage import Storage
 from modula.model import (
     attach_modula,
@@ -69,6 +69,15 @@ class RunCost:
     metrics: dict[str, Any] = field(default_factory=dict)
     # rows behind one optimizer step: per-worker micro-batch x grad_accum_steps x workers
     effective_batch: int = 0
+    # where the workers ran: the last attempt's, one entry per rank ({rank, node_id, ip}), and
+    # the node ids of every attempt (a run resumed after losing a node has two or more)
+    nodes: list[dict[str, Any]] = field(default_factory=list)
+    node_history: list[list[str]] = field(default_factory=list)
+
+    @property
+    def node_ips(self) -> list[str]:
+        """The distinct IP addresses of the last attempt's workers, in rank order."""
+        return list(dict.fromkeys(n["ip"] for n in self.nodes))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -150,25 +159,27 @@ def run_datasets(cfg: ModulaConfig, run: StageRun, storage: Storage | None = Non
 
 
 def _trainer(cfg: ModulaConfig, run: StageRun, storage: Storage, datasets: dict[str, Any],
-             inputs_dir: str | None, board: ProgressBoard, pad_id: int, validate: bool,
+             inputs_key: str | None, board: ProgressBoard, pad_id: int, validate: bool,
              callbacks: list[Any] | None = None) -> Any:
+    """The run's TorchTrainer. What a worker reads travels as storage keys (the earlier
+    stages' experts: ``inputs_key``) or as values (the config; the tokenizer's files inside the
+    datasets' map functions), never as a path on the driver's machine: a worker may run on
+    another node (docs/ray.md, "Several nodes")."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     section = cfg.stages.get(run.section)
     sc = section.scaling
     storage_path, fs = storage.ray_storage(TRAIN_RUNS)
-    resources = {"CPU": sc.cpus_per_worker}
-    if sc.use_gpu:
-        resources["GPU"] = sc.gpus_per_worker
     return TorchTrainer(
         adapter_loop,
-        train_loop_config={"cfg": cfg, "run": run, "inputs_dir": inputs_dir, "board": board,
+        train_loop_config={"cfg": cfg, "run": run, "inputs_key": inputs_key, "board": board,
                            "pad_id": pad_id, "validate": validate,
                            "val_domains": sorted(k[4:] for k in datasets
                                                  if k.startswith("val_") and not run.pinned)},
         scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=sc.resources_per_worker(),
+                                               placement_strategy=sc.placement_strategy),
         run_config=ray.train.RunConfig(
             name=run.name,
             storage_path=storage_path,
@@ -181,24 +192,15 @@ def _trainer(cfg: ModulaConfig, run: StageRun, storage: Storage, datasets: dict[
     )
 
 
-def _inputs_dir(cfg: ModulaConfig, storage: Storage, work_key: str, cache: Path) -> str | None:
-    """A folder the workers can read the earlier stages' experts from. Local storage is read in
-    place (one machine, or a shared file system); S3 is copied once to a local cache."""
-    if not storage.list(work_key):
-        return None
-    return str(storage.local_dir(work_key, cache))
-
-
 def _parallel_runs(cfg: ModulaConfig, runs: list[StageRun]) -> int:
-    """How many of a wave's runs fit the cluster at once."""
+    """How many of a wave's runs fit the cluster at once (every resource a worker reserves:
+    CPUs, GPUs, custom resources)."""
     import ray
 
-    total_cpu = float(ray.cluster_resources().get("CPU", 1))
-    total_gpu = float(ray.cluster_resources().get("GPU", 0))
+    total = ray.cluster_resources()
     sc = cfg.stages.get(runs[0].section).scaling
-    fit = total_cpu // max(sc.cpus_per_worker * sc.num_workers, 1e-9)
-    if sc.use_gpu:
-        fit = min(fit, total_gpu // max(sc.gpus_per_worker * sc.num_workers, 1e-9))
+    fit = min(float(total.get(name, 0.0)) // max(amount * sc.num_workers, 1e-9)
+              for name, amount in sc.resources_per_worker().items())
     return int(max(1, min(len(runs), fit)))
 
 
@@ -230,6 +232,7 @@ def _collect(result: Any, run: StageRun, storage: Storage, work_key: str, wall: 
         final_loss=cost.get("final_loss"), resumed=int(cost.get("resumed", 0)),
         metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
         effective_batch=int(cost.get("effective_batch", 0)),
+        nodes=list(cost.get("nodes", [])), node_history=list(cost.get("node_history", [])),
     )
     storage.write_text(f"{work_key}/costs/{run.name}.json", json.dumps(rc.to_dict(), indent=2))
     return rc
@@ -257,47 +260,45 @@ def run_stage(cfg: ModulaConfig, runs: list[StageRun], storage: Storage | None =
     pad_id = int(load_tokenizer(tok_dir).pad_token_id or 0)
     variant = runs[0].variant
     work_key = workspace_key(cfg, name, variant)
-    with tempfile.TemporaryDirectory(prefix="modula-inputs-") as cache:
-        inputs_dir = _inputs_dir(cfg, storage, work_key, Path(cache))
-        parallel = _parallel_runs(cfg, runs)
-        costs: list[RunCost] = []
-        for i in range(0, len(runs), parallel):
-            wave = runs[i:i + parallel]
-            jobs, boards, starts = [], [], {}
-            for run in wave:
-                board = ProgressBoard(f"modula-progress-{run.name}-{os.getpid()}").create()
-                boards.append(board)
-                run_data = datasets if datasets is not None else _run_datasets(
-                    cfg, run, storage, tok_dir, validate)
-                trainer = _trainer(cfg, run, storage, run_data, inputs_dir, board, pad_id,
-                                   validate, callbacks)
+    # the workers fetch the earlier stages' experts from the workspace themselves
+    inputs_key = work_key if any(r.inputs for r in runs) else None
+    parallel = _parallel_runs(cfg, runs)
+    costs: list[RunCost] = []
+    for i in range(0, len(runs), parallel):
+        wave = runs[i:i + parallel]
+        jobs, boards, starts = [], [], {}
+        for run in wave:
+            board = ProgressBoard(f"modula-progress-{run.name}-{os.getpid()}").create()
+            boards.append(board)
+            run_data = datasets if datasets is not None else _run_datasets(
+                cfg, run, storage, tok_dir, validate)
+            trainer = _trainer(cfg, run, storage, run_data, inputs_key, board, pad_id,
+                               validate, callbacks)
 
-                def fit(trainer: Any = trainer, run: StageRun = run,
-                        walls: dict[str, float] = starts) -> Any:
-                    t0 = time.time()
-                    try:
-                        res = trainer.fit()
-                    except Exception as exc:  # Train V2 raises a worker's error from fit()
-                        raise StageError(f"run {run.name} failed: {exc}") from exc
-                    walls[run.name] = time.time() - t0
-                    return res
+            def fit(trainer: Any = trainer, run: StageRun = run,
+                    walls: dict[str, float] = starts) -> Any:
+                t0 = time.time()
+                try:
+                    res = trainer.fit()
+                except Exception as exc:  # Train V2 raises a worker's error from fit()
+                    raise StageError(f"run {run.name} failed: {exc}") from exc
+                walls[run.name] = time.time() - t0
+                return res
 
-                label = run.stage if run.stage != "domains" else "domain " + "+".join(run.trains)
-                section = cfg.stages.get(run.section)
-                console.print(f"{variant} {label}: " + batch_line(
-                    section, section.max_length or cfg.model.max_length,
-                    len(run.pinned) or 1))
-                jobs.append(FitJob(f"{variant} {label}", fit, board,
-                                   cfg.stages.get(run.section).steps))
-            try:
-                results = fit_many_with_progress(jobs, console, show=show_progress)
-            finally:
-                for b in boards:
-                    b.close()
-            for run, result in zip(wave, results, strict=True):
-                out_key = workspace_key(cfg, output_name, variant) if output_name else work_key
-                costs.append(_collect(result, run, storage, out_key, starts[run.name],
-                                      cfg.stages.get(run.section).scaling.num_workers))
+            label = run.stage if run.stage != "domains" else "domain " + "+".join(run.trains)
+            section = cfg.stages.get(run.section)
+            console.print(f"{variant} {label}: " + batch_line(
+                section, section.max_length or cfg.model.max_length, len(run.pinned) or 1))
+            jobs.append(FitJob(f"{variant} {label}", fit, board, section.steps))
+        try:
+            results = fit_many_with_progress(jobs, console, show=show_progress)
+        finally:
+            for b in boards:
+                b.close()
+        for run, result in zip(wave, results, strict=True):
+            out_key = workspace_key(cfg, output_name, variant) if output_name else work_key
+            costs.append(_collect(result, run, storage, out_key, starts[run.name],
+                                  cfg.stages.get(run.section).scaling.num_workers))
     return costs
 
 
@@ -364,7 +365,8 @@ def publish(cfg: ModulaConfig, storage: Storage | None = None, name: str | None 
             specs[e["name"]] = ExpertSpec(
                 file=e["file"], kind={"routers": "router", CLASSIFIER: CLASSIFIER}.get(e["name"]),
                 training={k: last.get(k) for k in ("run", "stage", "steps", "tokens",
-                                                   "trainable_parameters", "worker_seconds")
+                                                   "trainable_parameters", "worker_seconds",
+                                                   "nodes")
                           if k in last},
                 metrics={"final_loss": last.get("final_loss")} if last else {},
             )
@@ -516,7 +518,12 @@ def add_domain(cfg: ModulaConfig, domain: str, data: str | None = None,
         costs += run_stage(cfg, [expert_run], storage, name, console, show_progress)
     (router_run,) = stage_runs(cfg, "router", domains=new_order, name=name)
     costs += run_stage(cfg, [router_run], storage, name, console, show_progress)
-    version = publish(cfg, storage, name=name, variant=variant, costs=costs, console=console,
-                      base_version=latest.version, domains=new_order,
-                      extra_metadata={"imported": {domain: imported}} if imported else None)
+    try:
+        version = publish(cfg, storage, name=name, variant=variant, costs=costs,
+                          console=console, base_version=latest.version, domains=new_order,
+                          extra_metadata={"imported": {domain: imported}} if imported else None)
+    except RegistryConflict as exc:
+        raise RegistryConflict(
+            f"{exc}. {domain!r} was trained on v{latest.version}, which is no longer the latest: "
+            f"run `modula add-domain {domain}` again to add it to the latest version") from None
     return version, costs
