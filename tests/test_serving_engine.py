@@ -667,3 +667,55 @@ def test_row_routing_refusals(modula):
     base_only = ModelAdapter(modula[0].base_model)
     with pytest.raises(ValueError, match="no expert weights"):
         base_only.row_routing(Routing(weights=(("math", 1.0),)))
+
+
+# ------------------------------------------------------------------------- request routing
+
+
+@pytest.mark.parametrize("variant", ["res", "flan"])
+def test_request_level_routing_follows_the_classifier(base, variant):
+    """With router.granularity request, a routed request takes the classifier's weights for
+    its whole generation (the same tokens as the model's own generate with those weights),
+    and the response reports the class probabilities; pinned requests keep their pin."""
+    from transformers import AutoModelForCausalLM
+
+    from modula.config import ModulaLayerConfig, RouterConfig
+    from modula.model import attach_modula
+    from modula.serving.modeling import modula_adapter
+
+    path, _, tok = base
+    hf = AutoModelForCausalLM.from_pretrained(str(path))
+    mm = attach_modula(hf, ModulaLayerConfig(variant=variant, universal_rank=8, domain_rank=4,
+                                             router=RouterConfig(granularity="request")),
+                       ["code", "math", "units"])
+    randomize_experts(mm, seed=5)
+    mm.eval()
+    labels = [1, 2, 0, 3, 1]  # classes: universal, code, math, units
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    feats = mm.request_features(enc["input_ids"], enc["attention_mask"])
+    fit = mm.request_router.fit(feats, torch.tensor(labels), steps=200)
+    assert fit["accuracy"] == 1.0
+    adapter = modula_adapter(mm, version=1)
+    assert adapter.classify is not None and adapter.info["granularity"] == "request"
+    core = EngineCore(adapter, tok, max_running=8)
+    rec = Recorder()
+    for i, p in enumerate(PROMPTS):
+        core.add(request(tok, i, p, greedy(5)), -1, rec.sink(f"r{i}"))
+    core.add(request(tok, 9, PROMPTS[0], greedy(5), "math"), adapter.expert_id("math"),
+             rec.sink("pinned"))
+    run_until_idle(core)
+    classes = ["universal", "code", "math", "units"]
+    for i, p in enumerate(PROMPTS):
+        res = rec.result(f"r{i}")
+        probs = res.info["classifier"]
+        assert list(probs) == classes and max(probs, key=probs.get) == classes[labels[i]]
+        ids = tok(p, return_tensors="pt")["input_ids"]
+        w = mm.request_weights(mm.request_probs(ids))
+        with torch.inference_mode():
+            ref = mm.generate(ids, max_new_tokens=5, do_sample=False, eos_token_id=None,
+                              pad_token_id=0, expert_weights=w)
+        assert res.token_ids == ref[0, ids.shape[1]:].tolist(), f"prompt {i} differs"
+        if labels[i]:  # top-1 on a domain: that expert's gate is 1 on every token
+            assert res.gates[classes[labels[i]]] == pytest.approx(1.0, abs=1e-5)
+    pinned = rec.result("pinned")
+    assert "classifier" not in pinned.info and pinned.gates["math"] == pytest.approx(1.0)

@@ -458,9 +458,12 @@ class ModulaModel(nn.Module):
         """The classifier's input for each row: the frozen base model's mean-pooled hidden
         states over the (prompt) tokens, adapters off. (batch, n_features), float32."""
         rr = self._need_request_router(trained=False)
+        kw: dict[str, Any] = {}
+        if attention_mask is not None:  # positions from the mask: left or right padding alike
+            kw["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad(), self.disable_adapters():
             out = self.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                  output_hidden_states=True, use_cache=False)
+                                  output_hidden_states=True, use_cache=False, **kw)
         return rr.pool(out.hidden_states, attention_mask)
 
     def request_probs(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:

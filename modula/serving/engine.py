@@ -153,8 +153,15 @@ class ModelAdapter:
                  gate_names: Sequence[str] | None = None,
                  gate_fn: Callable[..., Any] | None = None,
                  takes_expert_ids: bool = False, version: Any = None,
-                 info: dict[str, Any] | None = None):
+                 info: dict[str, Any] | None = None,
+                 classify: Callable[[torch.Tensor, torch.Tensor],
+                                    tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 request_classes: Sequence[str] = ()):
         self.model = model
+        # request-level routing (router.granularity: request): (ids, mask) of routed prompts
+        # -> (class probabilities, one row of gate weights per prompt)
+        self.classify = classify
+        self.request_classes = list(request_classes)
         self.hf_model = hf_model if hf_model is not None else model
         self.domains = list(domains)
         self.gate_names = list(gate_names) if gate_names is not None else None
@@ -331,12 +338,31 @@ def modula_adapter(model: Any, *, version: Any = None, info: dict[str, Any] | No
     model.prepare_inference()  # the fused inference weights, derived once for this version
     names = list(model.expert_names)
     domains = list(model.domains)
+    rr = model.request_router
+    by_request = (model.modula_config.router.granularity == "request" and rr is not None
+                  and rr.trained and bool(domains))
     return ModelAdapter(
         model, hf_model=model.base_model, domains=domains,
         gate_names=names or None, gate_fn=_gate_fn(model) if names else None,
         takes_expert_ids=bool(domains), version=version,
-        info={"variant": model.variant, **(info or {})},
+        info={"variant": model.variant,
+              "granularity": "request" if by_request else "token", **(info or {})},
+        classify=_classifier(model) if by_request else None,
+        request_classes=model.request_classes if by_request else (),
     )
+
+
+def _classifier(model: Any) -> Callable[[torch.Tensor, torch.Tensor],
+                                        tuple[torch.Tensor, torch.Tensor]]:
+    """The request classifier of a MoDULA model as the engine calls it: one base forward of
+    the prompts (adapters off), class probabilities and the gate weights they give."""
+    dev = next(iter(model.base_model.parameters())).device
+
+    def run(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = model.request_probs(ids.to(dev), mask.to(dev))
+        return probs.float().cpu(), model.request_weights(probs).float().cpu()
+
+    return run
 
 
 # ------------------------------------------------------------------------------------ cache
@@ -413,6 +439,7 @@ class _Row:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     reported: int = 0  # logprob entries already handed out in a TokenDelta
     prompt_reported: bool = False
+    request_probs: dict[str, float] | None = None  # the request classifier's, when it routed
 
     @property
     def expert_id(self) -> int:
@@ -558,6 +585,7 @@ class EngineCore:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = self.adapter.new_cache()
         full_rows = [i for i, r in enumerate(new) if r.req.params.prompt_logprobs is not None]
+        self._classify(new, ids, mask)
         routing = [r.routing for r in new]
         if full_rows:
             logits, gates, full = self.adapter.forward_full(
@@ -612,6 +640,22 @@ class EngineCore:
             self._cache, self._mask = _merge_caches(self._cache, self._mask, cache, mask)
             self._rows.extend(new)
         self._trim()
+
+    def _classify(self, new: list[_Row], ids: torch.Tensor, mask: torch.Tensor) -> None:
+        """Request-level routing: the rows left to the routers get the classifier's weights
+        for their whole generation (pinned, weighted or restricted requests keep theirs)."""
+        if self.adapter.classify is None:
+            return
+        todo = [i for i, r in enumerate(new) if r.routing == ROUTED]
+        if not todo:
+            return
+        idx = torch.tensor(todo, dtype=torch.long)
+        probs, weights = self.adapter.classify(ids.index_select(0, idx),
+                                               mask.index_select(0, idx))
+        for j, i in enumerate(todo):
+            new[i].routing = RowRouting(weights=tuple(float(w) for w in weights[j]))
+            new[i].request_probs = {c: round(float(p), 6) for c, p in
+                                    zip(self.adapter.request_classes, probs[j], strict=True)}
 
     def _banned(self, r: _Row) -> tuple[int, ...]:
         """Tokens the row may not pick yet: eos and stop token ids before ``min_tokens``."""
@@ -720,6 +764,8 @@ class EngineCore:
         if gates is not None:
             info["gates_over"] = self.gate_report
         info["routing"] = r.req.route().report()
+        if r.request_probs is not None:
+            info["classifier"] = r.request_probs
         return GenerationResult(
             text=r.tracker.text, finish_reason=r.finish_reason or "stop",
             prompt_tokens=len(r.req.prompt_ids), completion_tokens=len(r.generated),

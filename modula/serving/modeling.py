@@ -221,7 +221,8 @@ class RoutingModel:
             log.exception("router: cannot load the latest registry version")
 
     def gates(self, prompts: Sequence[Sequence[int]]) -> list[dict[str, float]]:
-        """Per prompt, the mean gate of each domain over its tokens and the layers."""
+        """Per prompt, the mean gate of each domain over its tokens and the layers (with
+        request-level routing: the classifier's probability of each domain)."""
         self._maybe_reload()
         a = self.adapter
         if not a.domains or a.gate_names is None:
@@ -234,6 +235,11 @@ class RoutingModel:
             ids[i, length - len(p):] = torch.tensor(list(p), dtype=torch.long)
             mask[i, length - len(p):] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        if a.classify is not None:  # request-level routing: the classifier's probabilities
+            with torch.inference_mode():
+                probs, _ = a.classify(ids, mask)
+            return [{c: float(p) for c, p in zip(a.request_classes, row, strict=True)
+                     if c in a.domains} for row in probs.tolist()]
         with torch.inference_mode():
             _, gates = a.forward(ids, mask, pos, a.new_cache(), [-1] * n, True)
         if gates is None:
