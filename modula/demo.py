@@ -26,6 +26,7 @@ from modula.config.schema import ModulaConfig
 from modula.data.build import ensure_data
 from modula.data.io import read_records
 from modula.eval.evaluate import DomainResult
+from modula.eval.metrics import exact_match
 from modula.eval.report import domain_line, render_table, write_report
 from modula.eval.run import run_eval
 from modula.infra.commands import print_resources
@@ -107,10 +108,15 @@ def _print_phases(phases: dict[str, float]) -> None:
     console.print(table)
 
 
-def serve_and_query(cfg: ModulaConfig, storage: Storage) -> None:
-    """Deploy the graph `modula serve` deploys, send each domain's first test prompt through the
-    official OpenAI client (routed by the gates, not pinned), print the answers with the gate
-    weights, and shut the application down whatever happens."""
+QUERIES_PER_CHECKABLE_DOMAIN = 5
+
+
+def serve_and_query(cfg: ModulaConfig, storage: Storage) -> list[dict[str, Any]]:
+    """Deploy the graph `modula serve` deploys, send test prompts of every domain through the
+    official OpenAI client (routed as the config routes, never pinned: by the request
+    classifier or per token by the gates), print the answers with the gate weights, whether
+    they are right (domains scored by exact match get several prompts) and the mean gate on
+    the domain's own expert, and shut the application down whatever happens."""
     info = preflight(cfg)
     console.print(f"deploying {info['registry_model']} v{info['version']} "
                   f"({', '.join(info['domains'])}) on {cfg.serve.host}:{cfg.serve.port} ...")
@@ -123,17 +129,29 @@ def serve_and_query(cfg: ModulaConfig, storage: Storage) -> None:
                       + ", ".join(served))
         answers = []
         for domain in info["domains"]:
-            row = read_records(storage, domain, "test", 1)[0]
-            r = client.chat.completions.create(
-                model=cfg.serve.model_name, temperature=0, max_tokens=48,
-                messages=[{"role": "user", "content": row["prompt"]}])
-            gates = (r.model_extra or {}).get("modula", {}).get("gates") or {}
-            answers.append({"domain": domain, "prompt": row["prompt"],
-                            "answer": r.choices[0].message.content,
-                            "expected": row["response"], "gates": gates})
-        table = answers_table(answers, f"one request per domain: model "
-                                       f"{cfg.serve.model_name!r}, routed per token by the gates")
-        console.print(table)
+            checkable = cfg.domain(domain).metric in ("exact_match", "accuracy")
+            rows = read_records(storage, domain, "test",
+                                QUERIES_PER_CHECKABLE_DOMAIN if checkable else 1)
+            replies = []
+            for row in rows:
+                r = client.chat.completions.create(
+                    model=cfg.serve.model_name, temperature=0, max_tokens=48,
+                    messages=[{"role": "user", "content": row["prompt"]}])
+                ext = (r.model_extra or {}).get("modula", {})
+                replies.append((row, r.choices[0].message.content, ext.get("gates") or {},
+                                ext.get("classifier") or {}))
+            row, answer, gates, probs = replies[0]
+            answers.append({
+                "domain": domain, "prompt": row["prompt"], "answer": answer,
+                "expected": row["response"], "gates": gates, "classifier": probs,
+                "right": sum(exact_match(a, x["response"]) for x, a, _, _ in replies)
+                if checkable else None,
+                "asked": len(replies),
+                "own_gate": sum(g.get(domain, 0.0) for _, _, g, _ in replies) / len(replies)})
+        how = ("by the request classifier" if cfg.modula.router.granularity == "request"
+               else "per token by the gates")
+        console.print(answers_table(answers, f"served answers, routed {how}"))
+        return answers
     finally:
         with contextlib.suppress(Exception):
             serve.delete(cfg.serve.app_name)
@@ -143,19 +161,30 @@ def serve_and_query(cfg: ModulaConfig, storage: Storage) -> None:
 
 
 def answers_table(answers: list[dict[str, Any]], title: str) -> Table:
-    """One row per domain: the prompt, the served answer, the expected one and the gate
-    weights, one line each, so the table reads at 80 columns."""
+    """One row per domain: the first prompt, its served answer, the expected one, the gate
+    weights (and the classifier's top class), then how many answers were right and the mean
+    gate on the domain's own expert, one line each, so the table reads at 80 columns."""
     table = Table(title=title)
     table.add_column("domain", style="cyan", no_wrap=True)
     table.add_column("request", overflow="fold")
     for a in answers:
         top = sorted(a["gates"].items(), key=lambda kv: -kv[1])
+        lines = [("prompt", _short(a["prompt"])), ("answer", _short(a["answer"])),
+                 ("expected", _short(a["expected"])),
+                 ("gates", " ".join(f"{k}={v:.2f}" for k, v in top[:4]))]
+        probs = a.get("classifier") or {}
+        if probs:
+            best = max(probs, key=probs.get)
+            lines.append(("classifier", f"{best} p={probs[best]:.2f}"))
+        asked = a.get("asked", 1)
+        score = (f"{a['right']}/{asked} right, " if a.get("right") is not None else "")
+        if "own_gate" in a:
+            lines.append(("served", f"{score}mean gate on {a['domain']} {a['own_gate']:.2f} "
+                                    f"over {asked} prompt(s)"))
         text = Text()
-        for label, value in (("prompt", _short(a["prompt"])), ("answer", _short(a["answer"])),
-                             ("expected", _short(a["expected"])),
-                             ("gates", " ".join(f"{k}={v:.2f}" for k, v in top))):
+        for i, (label, value) in enumerate(lines):
             text.append(f"{label}: ", style="dim")
-            text.append(f"{value}\n" if label != "gates" else value)
+            text.append(value + ("\n" if i < len(lines) - 1 else ""))
         table.add_row(a["domain"], text)
     return table
 

@@ -514,7 +514,8 @@ def test_peft_import_refusals(service, tmp_path):
 
 
 def test_add_domain_from_peft_then_served(service, tmp_path):
-    """An adapter made with peft becomes the domain ``headlines`` (only the routers train);
+    """An adapter made with peft becomes the domain ``headlines`` (only the routing trains:
+    the per-token routers and the request classifier, which gains the class);
     the replica picks up the new version and ``modula:headlines`` gives the log probabilities
     of the PEFT model itself."""
     from modula.infra.registry import Registry
@@ -526,7 +527,7 @@ def test_add_domain_from_peft_then_served(service, tmp_path):
     before = reg.show("modula")
     version, costs = add_domain(service.cfg, "headlines", from_peft=adapter, show_progress=False)
     assert version.version == before.version + 1
-    assert [c.trains for c in costs] == [["routers"]]
+    assert [c.trains for c in costs] == [["routers", "classifier"]]
     assert version.metadata["imported"]["headlines"]["r"] == 4
     for n in ("universal", *DOMAINS):
         assert version.experts[n].sha256 == before.experts[n].sha256  # untouched

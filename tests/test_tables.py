@@ -102,7 +102,9 @@ TABLES = {
         [{"domain": "headlines", "prompt": "Is this headline good or bad news for the company?",
           "answer": "good news, as the quarterly revenue beats the estimates by far",
           "expected": "good", "gates": {"code": 0.12, "math": 0.2, "units": 0.3,
-                                        "headlines": 0.38}}], "one request per domain"),
+                                        "headlines": 0.38},
+          "classifier": {"universal": 0.05, "code": 0.05, "headlines": 0.9},
+          "right": 3, "asked": 5, "own_gate": 0.38}], "served answers, routed by request"),
 }
 
 

@@ -140,7 +140,7 @@ def add_domain_cmd(
     from_peft: Annotated[Path | None, typer.Option(
         "--from-peft", help="Import the expert from a PEFT LoRA adapter directory "
                             "(adapter_config.json + adapter_model.safetensors; variant flan) "
-                            "instead of training it; then only the routers train.")] = None,
+                            "instead of training it; then only the routing trains.")] = None,
     any_base: Annotated[bool, typer.Option(
         "--any-base", help="With --from-peft: accept an adapter whose base model name differs "
                            "(the layer shapes are still checked).")] = False,
