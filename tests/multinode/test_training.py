@@ -85,7 +85,7 @@ def test_stages_on_worker_nodes_read_their_inputs_from_s3(nodes, s3, base, tmp_p
     costs = train(cfg, "domains", storage=st, show_progress=False)
     costs += train(cfg, "router", storage=st, show_progress=False)  # publishes
     where = _where(costs)
-    assert list(where) == [("math",), ("units",), ("routers",)]
+    assert list(where) == [("math",), ("units",), ("routers", "classifier")]
     for trains, ids in where.items():
         assert len(ids) == 1 and ids[0] in (a, b), (trains, [nodes.name_of(i) for i in ids])
     assert {where[("math",)][0], where[("units",)][0]} == {a, b}  # side by side, two nodes
@@ -95,10 +95,12 @@ def test_stages_on_worker_nodes_read_their_inputs_from_s3(nodes, s3, base, tmp_p
         assert list(nodes.tmpdir(name).glob("modula-cache/*/config.json")), name
     # the published version records where every expert was trained, and its own run
     mv = Registry.from_config(cfg).show("modula")
-    for name in ("math", "units", "routers"):
-        assert [n["node_id"] for n in mv.experts[name].training["nodes"]] == where[(name,)]
+    runs = {"math": ("math",), "units": ("units",), "routers": ("routers", "classifier"),
+            "classifier": ("routers", "classifier")}
+    for name, run in runs.items():
+        assert [n["node_id"] for n in mv.experts[name].training["nodes"]] == where[run]
     (router_run,) = mv.metadata["runs"]
-    assert [n["node_id"] for n in router_run["nodes"]] == where[("routers",)]
+    assert [n["node_id"] for n in router_run["nodes"]] == where[("routers", "classifier")]
     assert router_run["nodes"][0]["ip"]
     stored = {c.run: c for c in costs}
     for rec in (json.loads(st.read_text(k)) for k in st.list("work/modula/res/costs")):
