@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test soak lint clean
+.PHONY: setup demo test test-slow soak lint clean
 
 setup: $(STAMP)
 
@@ -23,9 +23,14 @@ demo: setup
 # connected to one Ray cluster at a time (the first session shares one local Ray); both run,
 # and the target fails if either does
 test: setup
-	$(PY) -m pytest tests --durations=15; main=$$?; \
-	$(PY) -m pytest tests/multinode --durations=5; multi=$$?; \
+	$(PY) -m pytest tests -m "not slow" --durations=15; main=$$?; \
+	$(PY) -m pytest tests/multinode -m "not slow" --durations=5; multi=$$?; \
 	test $$main -eq 0 -a $$multi -eq 0
+
+# the tests that do not fit make test's 40 minutes on a 2-core machine (a killed worker, a
+# killed sweep, ASHA, the model families but one): run by hand before a release
+test-slow: setup
+	$(PY) -m pytest tests -m slow --durations=10
 
 # 10 minutes of mixed traffic against one service, a hot add-domain halfway (not in `test`)
 soak: setup

@@ -188,7 +188,11 @@ def test_default_targets_of_each_family(tmp_path):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("family", ["mistral", "gemma", "gemma2", "gemma3_text", "phi3"])
+@pytest.mark.parametrize("family", [
+    # gemma2 (sliding windows, soft-capping) in make test; the others in make test-slow
+    pytest.param("mistral", marks=pytest.mark.slow), pytest.param("gemma", marks=pytest.mark.slow),
+    "gemma2", pytest.param("gemma3_text", marks=pytest.mark.slow),
+    pytest.param("phi3", marks=pytest.mark.slow)])
 def test_family_trains_publishes_and_serves(family, tmp_path, root, ray_local):
     """One joint run (bf16, checkpointing, 2 micro-batches; Mistral plain fp32), the published
     version served in-process."""
@@ -197,6 +201,7 @@ def test_family_trains_publishes_and_serves(family, tmp_path, root, ray_local):
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_qwen2_through_modula_serve_over_http(tmp_path, root, ray_local):
     """Qwen2 (biased q/k/v) trained with bf16 + checkpointing + accumulation, then the real

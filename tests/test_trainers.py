@@ -390,6 +390,7 @@ def _kill_first_worker_after_checkpoint(run_dir: Path, stop: threading.Event, ki
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_killed_worker_resumes_from_the_last_checkpoint(ray_local, tiny_base, tmp_path):
     from modula.trainers.runner import run_stage
 

@@ -314,6 +314,7 @@ def test_small_sweep_ranks_trials_and_its_best_config_trains(ray_local, tiny_bas
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_asha_stops_a_bad_trial_early(ray_local, tiny_base, tmp_path):
     from modula.tuning import run_sweep
 
@@ -337,6 +338,7 @@ def test_asha_stops_a_bad_trial_early(ray_local, tiny_base, tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_killed_sweep_resumes_without_redoing_finished_trials(ray_local, tiny_base, tmp_path):
     import ray
 
