@@ -328,10 +328,13 @@ def _gate_fn(model: Any):
     return run
 
 
-def modula_adapter(model: Any, *, version: Any = None, info: dict[str, Any] | None = None
+def modula_adapter(model: Any, *, version: Any = None, info: dict[str, Any] | None = None,
+                   granularity: str | None = None, request_top_k: int | None = None
                    ) -> ModelAdapter:
     """A :class:`ModelAdapter` over a MoDULA model (``attach_modula`` / ``load_modula``): what
-    a replica serves, and what ``benchmarks/gpu_check.py`` measures."""
+    a replica serves, and what ``benchmarks/gpu_check.py`` measures. ``granularity`` /
+    ``request_top_k``: the serving config's routing (default: the model's own config); request
+    routing needs a model published with a trained classifier."""
     model.eval()
     model.set_stage(None)
     model.force_domain(None)
@@ -339,28 +342,33 @@ def modula_adapter(model: Any, *, version: Any = None, info: dict[str, Any] | No
     names = list(model.expert_names)
     domains = list(model.domains)
     rr = model.request_router
-    by_request = (model.modula_config.router.granularity == "request" and rr is not None
-                  and rr.trained and bool(domains))
+    router_cfg = model.modula_config.router
+    granularity = granularity or router_cfg.granularity
+    top_k = request_top_k if request_top_k is not None else router_cfg.request_top_k
+    by_request = granularity == "request" and rr is not None and rr.trained and bool(domains)
+    if granularity == "request" and not by_request:
+        log.warning("router.granularity is request, but this model has no trained request "
+                    "classifier (variant %s): routing per token", model.variant)
     return ModelAdapter(
         model, hf_model=model.base_model, domains=domains,
         gate_names=names or None, gate_fn=_gate_fn(model) if names else None,
         takes_expert_ids=bool(domains), version=version,
         info={"variant": model.variant,
               "granularity": "request" if by_request else "token", **(info or {})},
-        classify=_classifier(model) if by_request else None,
+        classify=_classifier(model, top_k) if by_request else None,
         request_classes=model.request_classes if by_request else (),
     )
 
 
-def _classifier(model: Any) -> Callable[[torch.Tensor, torch.Tensor],
-                                        tuple[torch.Tensor, torch.Tensor]]:
+def _classifier(model: Any, top_k: int) -> Callable[[torch.Tensor, torch.Tensor],
+                                                    tuple[torch.Tensor, torch.Tensor]]:
     """The request classifier of a MoDULA model as the engine calls it: one base forward of
     the prompts (adapters off), class probabilities and the gate weights they give."""
     dev = next(iter(model.base_model.parameters())).device
 
     def run(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         probs = model.request_probs(ids.to(dev), mask.to(dev))
-        return probs.float().cpu(), model.request_weights(probs).float().cpu()
+        return probs.float().cpu(), model.request_weights(probs, top_k).float().cpu()
 
     return run
 

@@ -181,10 +181,11 @@ class ModelSource:
             log.info("loaded %s v%s (%s, domains %s) in %.1fs", self.model_name, version,
                      model.variant, model.domains, time.perf_counter() - t0)
             mv = local.manifest
+            router = self.cfg.modula.router
             return modula_adapter(model, version=version, info={
                 "base_model": mv.base_model.id if mv.base_model else self.cfg.model.base,
                 "registry_model": self.model_name,
-            })
+            }, granularity=router.granularity, request_top_k=router.request_top_k)
 
     def cleanup(self) -> None:
         """Delete this replica's fetched copies (the models are in memory)."""
