@@ -36,6 +36,19 @@ def _raw(root: str, steps: int = 3, **stage_extra) -> dict:
 
 # ------------------------------------------------------------------------------ unit
 
+def _s3_raw(s3_server, tiny_base) -> dict:
+    """`_raw` on the S3 server of the session (secrets spelled out) with the tiny base."""
+    from conftest import s3_storage_config
+
+    sc = s3_storage_config(s3_server)
+    raw = _raw(sc.root)
+    raw["storage"] = sc.model_dump(mode="python") | {
+        "access_key_id": sc.access_key_id.get_secret_value(),
+        "secret_access_key": sc.secret_access_key.get_secret_value()}
+    raw["model"]["base"] = str(tiny_base)
+    return raw
+
+
 
 def test_plan_follows_the_paper():
     cfg = config_from_dict(_raw("/tmp/x"))
@@ -205,17 +218,10 @@ def test_add_domain_that_lost_a_race_says_to_run_again(tmp_path, monkeypatch):
 
 @pytest.mark.integration
 def test_workers_fetch_s3_inputs_into_their_own_folder(s3_server, tiny_base, tmp_path):
-    from conftest import s3_storage_config
-
     from modula.infra.storage import Storage
     from modula.trainers.loop import build_stage_model, fetch_inputs
 
-    sc = s3_storage_config(s3_server)
-    raw = _raw(sc.root)
-    raw["storage"] = sc.model_dump(mode="python") | {
-        "access_key_id": sc.access_key_id.get_secret_value(),
-        "secret_access_key": sc.secret_access_key.get_secret_value()}
-    raw["model"]["base"] = str(tiny_base)
+    raw = _s3_raw(s3_server, tiny_base)
     cfg = config_from_dict(raw)
     st = Storage(cfg.storage)
     st.ensure_bucket()
@@ -265,17 +271,10 @@ def _sha(path: Path) -> str:
 @pytest.fixture(scope="module")
 def s3_trained(ray_local, s3_server, tiny_base, tmp_path_factory):
     """`train --stage all` (domain experts packed in one run) on s3://, published to the registry."""
-    from conftest import s3_storage_config
-
     from modula.infra.storage import Storage
     from modula.trainers.runner import train
 
-    sc = s3_storage_config(s3_server)
-    raw = _raw(sc.root)
-    raw["storage"] = sc.model_dump(mode="python") | {
-        "access_key_id": sc.access_key_id.get_secret_value(),
-        "secret_access_key": sc.secret_access_key.get_secret_value()}
-    raw["model"]["base"] = str(tiny_base)
+    raw = _s3_raw(s3_server, tiny_base)
     raw["stages"]["domain"]["domains_per_run"] = 2
     cfg = config_from_dict(raw)
     storage = Storage(cfg.storage)
