@@ -11,7 +11,14 @@ Systems:
 - ``fixed``: MoDULA-Res, each row with fixed expert weights (``expert_weights``: what a
   request-level classifier gives), no router;
 - ``mixed``: half the rows pinned, half routed (the serving benchmark's mix);
-- ``peft``: PEFT with one LoRA adapter per domain, a mixed-adapter batch (``adapter_names``).
+- ``peft``: PEFT with one LoRA adapter per domain, a mixed-adapter batch (``adapter_names``);
+- ``<system>-compiled`` (``base``, ``routed``, ``pinned``, ``fixed``, ``mixed``): the same batch
+  with the decode step through ``torch.compile`` (``serve.compile: decode``,
+  ``ModulaModel.prepare_inference(compile="decode")``; the bare base compiled with the same
+  options), a model of its own with the same weights. The first step compiles: its wall time
+  is reported as ``compile_s``, apart from the timed steps; each is reported against its eager
+  twin (``vs eager``), and its greedy tokens are checked against the twin's over the rounds.
+  The overhead of a compiled MoDULA system is over the compiled base (same compiler).
 
 Before the timed rounds, one step of each system runs under ``torch.profiler`` and its aten
 calls are counted (every ``aten::`` event, nested ones included). The clock is this thread's
@@ -22,6 +29,9 @@ just has to run). The adapter FLOP ratio of each size is printed beside the meas
 
     .venv/bin/python benchmarks/decode_step.py --sizes tiny,small,medium \
         --out benchmarks/results/decode_step.json
+
+Compiling takes minutes per compiled system on a small machine; ``--systems`` without the
+``-compiled`` names skips it.
 """
 
 from __future__ import annotations
@@ -51,10 +61,12 @@ from modula.model import attach_modula  # noqa: E402
 
 DOMAINS = ["code", "math", "units", "headlines"]
 UNIVERSAL_RANK, DOMAIN_RANK = 16, 8
-SYSTEMS = ("base", "routed", "pinned", "fixed", "mixed", "peft")
+EAGER = ("base", "routed", "pinned", "fixed", "mixed", "peft")
+COMPILED = tuple(f"{s}-compiled" for s in ("base", "routed", "pinned", "fixed", "mixed"))
+SYSTEMS = EAGER + COMPILED
 
 
-def modula_model(base: Any, seed: int = 0) -> Any:
+def modula_model(base: Any, seed: int = 0, compile: str = "none") -> Any:
     model = attach_modula(copy.deepcopy(base), ModulaLayerConfig(
         variant="res", universal_rank=UNIVERSAL_RANK, domain_rank=DOMAIN_RANK), DOMAINS)
     g = torch.Generator().manual_seed(seed)
@@ -65,8 +77,15 @@ def modula_model(base: Any, seed: int = 0) -> Any:
     model.eval()
     prepare = getattr(model, "prepare_inference", None)
     if prepare is not None:
-        prepare()
+        # (no argument unless compiling: the same script measures commits before the switch)
+        prepare(compile=compile) if compile != "none" else prepare()
     return model
+
+
+def compiled_base(base: Any) -> Any:
+    """The bare base model's forward through torch.compile with the options of the compiled
+    MoDULA decode step (modula/model/compiled.py)."""
+    return torch.compile(base, dynamic=True, fullgraph=True)
 
 
 def peft_model(base: Any, seed: int = 1) -> Any:
@@ -104,10 +123,13 @@ class Stepper:
     """One system's running batch: prefilled once, then one token per row per ``step``."""
 
     def __init__(self, name: str, model: Any, ids: torch.Tensor, mask: torch.Tensor,
-                 kw: dict[str, Any]):
+                 kw: dict[str, Any], step_model: Any = None):
         from transformers import DynamicCache
 
         self.name, self.model, self.kw = name, model, kw
+        # what runs the decode steps (the compiled base: the prefill stays eager, as for
+        # MoDULA's compiled decode step)
+        self.step_model = step_model if step_model is not None else model
         self.cache = DynamicCache()
         params = inspect.signature(_hf(model).forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -122,9 +144,9 @@ class Stepper:
     def step(self) -> None:
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], 1)
         with torch.inference_mode():
-            out = self.model(input_ids=self.next, attention_mask=self.mask, position_ids=self.pos,
-                             use_cache=True, logits_to_keep=1, **{self.cache_kw: self.cache},
-                             **self.kw)
+            out = self.step_model(input_ids=self.next, attention_mask=self.mask,
+                                  position_ids=self.pos, use_cache=True, logits_to_keep=1,
+                                  **{self.cache_kw: self.cache}, **self.kw)
         self.next = out.logits[:, -1].argmax(-1, keepdim=True)
         self.pos = self.pos + 1
 
@@ -148,7 +170,10 @@ def run_size(size: str, systems: list[str], rounds: int, rows: int, clock) -> di
     t0 = time.time()
     base = random_base(size)
     ids, mask = batch(rows, vocab=base.config.vocab_size)
-    res = modula_model(base) if set(systems) - {"base", "peft"} else None
+    eager_res = {"routed", "pinned", "fixed", "mixed"}
+    res = modula_model(base) if eager_res & set(systems) else None
+    compiled_res = {f"{s}-compiled" for s in eager_res}
+    res_c = modula_model(base, compile="decode") if compiled_res & set(systems) else None
     g = torch.Generator().manual_seed(3)
     weights = torch.softmax(torch.randn(rows, len(DOMAINS), generator=g), -1)
     pins = torch.arange(rows) % len(DOMAINS)
@@ -161,21 +186,39 @@ def run_size(size: str, systems: list[str], rounds: int, rows: int, clock) -> di
         "mixed": (res, {"expert_ids": half}),
         "peft": (None, {"adapter_names": [DOMAINS[int(i)] for i in pins]}),
     }
+    for name in ("routed", "pinned", "fixed", "mixed"):
+        plan[f"{name}-compiled"] = (res_c, plan[name][1])
     steppers = {}
     for name in systems:
+        if name == "base-compiled":
+            # a copy: compiling must not touch the eager base's module
+            b = copy.deepcopy(base)
+            steppers[name] = Stepper(name, b, ids, mask, {}, step_model=compiled_base(b))
+            continue
         model, kw = plan[name]
         if name == "peft":
             model = peft_model(base)
         steppers[name] = Stepper(name, model, ids, mask, kw)
+    compile_s = {}
+    for name, s in steppers.items():
+        if name.endswith("-compiled"):  # the first step compiles: timed apart, on the wall
+            t = time.perf_counter()
+            s.step()
+            compile_s[name] = time.perf_counter() - t
     calls = {name: aten_calls(s) for name, s in steppers.items()}
     for s in steppers.values():
         s.step()  # warm-up
     samples: dict[str, list[float]] = {k: [] for k in steppers}
+    twins = {n: n[:-len("-compiled")] for n in steppers
+             if n.endswith("-compiled") and n[:-len("-compiled")] in steppers}
+    agree = {n: 0 for n in twins}
     for _ in range(rounds):
         for name, s in steppers.items():
             t = clock()
             s.step()
             samples[name].append(clock() - t)
+        for n, twin in twins.items():  # same weights, same prefill: the same greedy tokens
+            agree[n] += int(torch.equal(steppers[n].next, steppers[twin].next))
     ms = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
     params = sum(p.numel() for p in base.parameters())
     ratio = flop_ratio(base, len(DOMAINS), UNIVERSAL_RANK, DOMAIN_RANK)
@@ -184,7 +227,18 @@ def run_size(size: str, systems: list[str], rounds: int, rows: int, clock) -> di
            "flop_ratio": ratio["all"], "flop_ratio_adapted": ratio["adapted"],
            "aten_calls": calls, "ms_per_step": ms, "wall_s": round(time.time() - t0, 1)}
     if "base" in ms:
-        out["overhead"] = {k: v / ms["base"] - 1 for k, v in ms.items() if k != "base"}
+        # a compiled system against the compiled base when there is one (same compiler)
+        out["overhead"] = {
+            k: v / ms["base-compiled" if k.endswith("-compiled") and "base-compiled" in ms
+                      else "base"] - 1
+            for k, v in ms.items() if k not in ("base", "base-compiled")}
+    if compile_s:
+        out["compile_s"] = compile_s
+        out["compiled_vs_eager"] = {n: ms[n] / ms[twin] for n, twin in twins.items()}
+        out["tokens_agree"] = {n: agree[n] / rounds for n in twins}
+        step = getattr(res_c, "compiled_decode", None)
+        # the compiled MoDULA step ran compiled, or gave up (and ran eager) for this reason
+        out["compile_failure"] = None if step is None else step.failure
     return out
 
 
@@ -193,13 +247,24 @@ def print_size(r: dict[str, Any]) -> None:
           f"{r['layers']} layers, batch {r['rows']}, {r['rounds']} rounds; adapter FLOP ratio "
           f"{r['flop_ratio']:.3f} (over the adapted linears {r['flop_ratio_adapted']:.3f}), "
           f"limit 1.5x = {1.5 * r['flop_ratio']:.3f}")
-    print(f"  {'system':8s} {'aten/step':>9s} {'ms/step':>9s} {'overhead':>9s} {'ok':>4s}")
+    compiled = r.get("compiled_vs_eager", {})
+    print(f"  {'system':15s} {'aten/step':>9s} {'ms/step':>9s} {'overhead':>9s} {'ok':>4s}"
+          + (f" {'vs eager':>8s} {'compile s':>9s} {'tokens':>6s}" if "compile_s" in r else ""))
     for name, ms in r["ms_per_step"].items():
         ovh = r.get("overhead", {}).get(name)
-        ok = "" if ovh is None or name == "peft" else (
+        ok = "" if ovh is None or name in ("peft", "base-compiled") else (
             "yes" if ovh <= 1.5 * r["flop_ratio"] else "no")
         cell = f"{ovh:+9.3f}" if ovh is not None else f"{'-':>9s}"
-        print(f"  {name:8s} {r['aten_calls'][name]:9d} {ms:9.2f} {cell} {ok:>4s}")
+        extra = ""
+        if name in r.get("compile_s", {}):
+            ratio = compiled.get(name)
+            agree = r["tokens_agree"].get(name)
+            extra = (f" {ratio:8.3f}" if ratio is not None else f" {'-':>8s}") + \
+                f" {r['compile_s'][name]:9.1f}" + \
+                (f" {agree:6.0%}" if agree is not None else f" {'-':>6s}")
+        print(f"  {name:15s} {r['aten_calls'][name]:9d} {ms:9.2f} {cell} {ok:>4s}{extra}")
+    if r.get("compile_failure"):
+        print(f"  the compiled MoDULA step fell back to eager: {r['compile_failure']}")
     if "peft" in r["ms_per_step"]:
         for name in ("routed", "pinned", "fixed", "mixed"):
             if name in r["ms_per_step"]:

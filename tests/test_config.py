@@ -79,6 +79,7 @@ BAD_CONFIGS = [
     ({"storage": {"root": "./runs", "endpoint": "http://127.0.0.1:9000"}}, None, "storage",
      "root is not an s3:// URL"),
     ({"serve": {"port": 70000}}, None, "serve.port", "less than or equal to 65535"),
+    ({"serve": {"compile": "mixture"}}, None, "serve.compile", "'none' or 'decode'"),
     ({"stages": {"domain": {"scaling": {"placement": "scatter"}}}}, None,
      "stages.domain.scaling.placement", "'pack' or 'spread'"),
     ({"stages": {"router": {"scaling": {"custom_resources": {"GPU": 1}}}}}, None,

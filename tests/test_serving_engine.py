@@ -266,6 +266,61 @@ def test_gate_report_prompt_or_off(modula):
             assert rec.result("r1").gates["math"] == pytest.approx(1.0)
 
 
+COMPILE_CASES = [(PROMPTS[0], None), (PROMPTS[1], "code"), (PROMPTS[4], None),
+                 (PROMPTS[3], "math")]
+
+
+def serve_compile_cases(adapter, tok) -> list[list[int]]:
+    """The tokens of COMPILE_CASES, admitted at different steps (rows join and leave)."""
+    # the serving default: gates over the prompt (a step that captures them runs eager)
+    core = EngineCore(adapter, tok, max_running=8, gate_report="prompt")
+    rec = Recorder()
+    for i, (p, d) in enumerate(COMPILE_CASES):
+        core.add(request(tok, i, p, greedy(3 + 2 * i), d), adapter.expert_id(d),
+                 rec.sink(f"r{i}"))
+        if i % 2:
+            core.step()
+    run_until_idle(core)
+    return [rec.result(f"r{i}").token_ids for i in range(len(COMPILE_CASES))]
+
+
+def test_the_compiled_step_serves_the_eager_tokens(modula, monkeypatch):
+    """serve.compile: decode, with torch.compile as the identity and the layers on their
+    traced branch (the compiled graph's code, run eager; tests/test_model_compiled.py compiles
+    for real): the same tokens as eager, every decode step through the compiled step."""
+    mm, tok = modula
+    from modula.model import inference as inference_mod
+    from modula.serving.modeling import modula_adapter
+
+    want = serve_compile_cases(modula_adapter(mm), tok)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    monkeypatch.setattr(inference_mod, "_traced", lambda: True)
+    adapter = modula_adapter(mm, compile="decode")
+    assert serve_compile_cases(adapter, tok) == want
+    assert mm.compiled_decode.compiled_calls > 0 and mm.compiled_decode.failure is None
+    mm.prepare_inference()  # the module's other tests serve eager
+
+
+def test_a_failing_compile_fails_no_request(modula, monkeypatch):
+    """serve.compile: decode with a compiler that fails when the step runs: the engine serves
+    the same tokens as eager (the decode steps ran eager after one warning)."""
+    mm, tok = modula
+    from modula.serving.modeling import modula_adapter
+
+    want = serve_compile_cases(modula_adapter(mm), tok)
+
+    def compile_that_fails_when_run(fn, **kwargs):
+        def run(*args, **kw):
+            raise RuntimeError("inductor: no C++ compiler")
+        return run
+
+    monkeypatch.setattr(torch, "compile", compile_that_fails_when_run)
+    adapter = modula_adapter(mm, compile="decode")
+    assert serve_compile_cases(adapter, tok) == want
+    assert "no C++ compiler" in mm.compiled_decode.failure
+    mm.prepare_inference()  # the module's other tests serve eager
+
+
 # ------------------------------------------------------------------------------ stopping
 
 

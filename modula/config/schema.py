@@ -782,6 +782,10 @@ class ServeConfig(_Section):
     # the weights' dtype in an expert replica: auto = bfloat16 on a GPU replica
     # (resources.num_gpus > 0), model.dtype on a CPU one
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # torch.compile in each expert replica: `decode` compiles the decode step (one token per
+    # row; the prefill stays eager), falling back to eager with a warning if compiling fails;
+    # `none` keeps every forward eager (docs/serving.md, "Compiling the decode step")
+    compile: Literal["none", "decode"] = "none"
 
     @property
     def on_gpu(self) -> bool:

@@ -131,8 +131,12 @@ class PreparedGroup:
         layer = self.layers[index]
         st = layer._state
         stash = self._stash
-        if stash is not None and stash[0] is x and stash[1] == _version(x) \
-                and stash[2] == st.generation and stash[3][index] is not None:
+        # traced by torch.compile (the compiled decode step, modula.model.compiled): one graph
+        # holds the siblings' calls, so identity is enough; reading the version (unsupported)
+        # or the generation (a new value per call) would break or respecialise the graph
+        traced = _traced()
+        if stash is not None and stash[0] is x and stash[3][index] is not None and (
+                traced or (stash[1] == _version(x) and stash[2] == st.generation)):
             y, gates = stash[3][index]
             stash[3][index] = None
             if all(s is None for s in stash[3]):
@@ -146,7 +150,8 @@ class PreparedGroup:
         f = self.fused
         gates_fn = None
         if f.ranks:
-            plan = routing_plan(layer, rows, x.dim(), x.device, f.dtype)
+            plan = st.step_plan if traced and st.step_plan is not None else routing_plan(
+                layer, rows, x.dim(), x.device, f.dtype)
             gates_fn = _gates_fn(layer, plan) if plan.router else _constant(plan.override)
         base = None if f.base_fused else [lyr.base_layer(x2) for lyr in self.layers]
         outs, used = fused_forward(f, x2, lead, gates_fn, base)
@@ -160,7 +165,9 @@ class PreparedGroup:
         if len(results) > 1:
             taken = list(results)
             taken[index] = None
-            self._stash = (x, _version(x), st.generation, taken)
+            # a stash left by a traced call is never taken by an eager one (version None)
+            self._stash = (x, None, None, taken) if traced else (
+                x, _version(x), st.generation, taken)
         y, g = results[index]
         self._capture(layer, g)
         return y
@@ -172,6 +179,11 @@ class PreparedGroup:
             return
         g = gates.detach()
         st.capture.setdefault(layer.name, []).append(g.unsqueeze(0) if g.dim() == 2 else g)
+
+
+# whether torch.compile is tracing this call (a name of its own: the tests run the traced
+# branch eager)
+_traced = torch.compiler.is_compiling
 
 
 def _version(x: Tensor) -> int:

@@ -104,6 +104,9 @@ class LayerState:
     disabled: bool = False
     generation: int = 0
     plans: dict[Any, Any] = field(default_factory=dict)
+    # the routing plan of the current compiled decode step, derived before the graph runs
+    # (modula.model.compiled): the traced layers read it instead of deriving their own
+    step_plan: Any = None
 
     def changed(self) -> None:
         """The routing of the next forward changed: forget what was derived from the old."""

@@ -20,6 +20,7 @@ from modula.config.names import DOMAIN_NAME_RE, RESERVED_EXPERT_NAMES
 from modula.config.schema import ModulaLayerConfig
 from modula.kernels import BACKENDS
 
+from .compiled import COMPILE_TARGETS, CompiledDecode
 from .inference import prepare_groups, release_groups
 from .layer import UNIVERSAL, LayerState, ModulaLinear
 from .request_router import RequestRouter, request_gate_weights
@@ -115,6 +116,7 @@ class ModulaModel(nn.Module):
         self._captured: dict[str, list[Tensor]] | None = None
         self._requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
         self._prepared: list = []
+        self._compiled: CompiledDecode | None = None
         paths = find_targets(model, self.target_modules)
         for p in model.parameters():
             p.requires_grad_(False)
@@ -437,6 +439,9 @@ class ModulaModel(nn.Module):
         - ``force_domain`` fills the rows that neither pin nor fix (model-wide).
         """
         with self._call(expert_ids, expert_weights, expert_mask):
+            step = self._compiled
+            if step is not None and step.applies(args, kwargs):
+                return step(*args, **kwargs)
             return self.base_model(*args, **kwargs)
 
     def generate(self, *args, expert_ids: Tensor | list[int] | None = None,
@@ -491,7 +496,7 @@ class ModulaModel(nn.Module):
 
     # ---- inference representation ----------------------------------------------------
 
-    def prepare_inference(self, *, fuse_siblings: bool = True) -> None:
+    def prepare_inference(self, *, fuse_siblings: bool = True, compile: str = "none") -> None:
         """Derive the inference representation once for the current weights
         (:mod:`modula.model.inference`): per group of adapted linears reading the same input
         (``q/k/v``, ``gate/up``; ``fuse_siblings``), one fused matrix with the base weights,
@@ -501,12 +506,20 @@ class ModulaModel(nn.Module):
 
         Only at inference (``set_stage(None)``). Loading experts, a stage, adding or removing
         a domain release it; call again after editing weights in place by hand. The fused
-        base weights are shared with the base layers (views), not copied."""
+        base weights are shared with the base layers (views), not copied.
+
+        ``compile``: ``decode`` runs the decode steps of :meth:`forward` (one token per row)
+        through ``torch.compile``, eager if that fails (:mod:`modula.model.compiled`);
+        ``none`` (default) keeps every forward eager."""
         if self._stage is not None:
             raise ValueError(f"prepare_inference needs the inference stage (set_stage(None)), "
                              f"not {self._stage!r}")
+        if compile not in COMPILE_TARGETS:
+            raise ValueError(f"unknown compile target {compile!r} (allowed: "
+                             f"{', '.join(COMPILE_TARGETS)})")
         self.release_inference()
         self._prepared = prepare_groups(self.modula_layers(), fuse_siblings=fuse_siblings)
+        self._compiled = CompiledDecode(self) if compile == "decode" else None
         self._state.changed()
 
     def release_inference(self) -> None:
@@ -515,10 +528,16 @@ class ModulaModel(nn.Module):
             release_groups(self.modula_layers())
             self._state.changed()
         self._prepared = []
+        self._compiled = None
 
     @property
     def inference_prepared(self) -> bool:
         return bool(self._prepared)
+
+    @property
+    def compiled_decode(self) -> CompiledDecode | None:
+        """The compiled decode step (``prepare_inference(compile="decode")``), else None."""
+        return self._compiled
 
     @contextmanager
     def disable_adapters(self) -> Iterator[None]:

@@ -329,16 +329,18 @@ def _gate_fn(model: Any):
 
 
 def modula_adapter(model: Any, *, version: Any = None, info: dict[str, Any] | None = None,
-                   granularity: str | None = None, request_top_k: int | None = None
-                   ) -> ModelAdapter:
+                   granularity: str | None = None, request_top_k: int | None = None,
+                   compile: str = "none") -> ModelAdapter:
     """A :class:`ModelAdapter` over a MoDULA model (``attach_modula`` / ``load_modula``): what
     a replica serves, and what ``benchmarks/gpu_check.py`` measures. ``granularity`` /
     ``request_top_k``: the serving config's routing (default: the model's own config); request
-    routing needs a model published with a trained classifier."""
+    routing needs a model published with a trained classifier. ``compile``: ``serve.compile``
+    (``decode``: the decode steps through ``torch.compile``, eager if that fails)."""
     model.eval()
     model.set_stage(None)
     model.force_domain(None)
-    model.prepare_inference()  # the fused inference weights, derived once for this version
+    # the fused inference weights, derived once for this version
+    model.prepare_inference(compile=compile)
     names = list(model.expert_names)
     domains = list(model.domains)
     rr = model.request_router

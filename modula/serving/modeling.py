@@ -185,7 +185,8 @@ class ModelSource:
             return modula_adapter(model, version=version, info={
                 "base_model": mv.base_model.id if mv.base_model else self.cfg.model.base,
                 "registry_model": self.model_name,
-            }, granularity=router.granularity, request_top_k=router.request_top_k)
+            }, granularity=router.granularity, request_top_k=router.request_top_k,
+                compile=self.cfg.serve.compile)
 
     def cleanup(self) -> None:
         """Delete this replica's fetched copies (the models are in memory)."""
