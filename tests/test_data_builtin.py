@@ -101,6 +101,7 @@ def test_math_answers_are_exact(suites):
 
 def test_units_answers_follow_the_conversion(suites):
     factors = {(a, b): f for a, b, f in _CONVERSIONS}
+    assert all(str(f).rstrip("0") == "1" for f in factors.values())  # powers of ten
     for e in [x for s in suites["units"].values() for x in s]:
         m = re.fullmatch(r"Convert (\d+) (\S+) to (\S+)\.", e.prompt)
         assert m, e.prompt

@@ -66,6 +66,17 @@ def test_round_trip(tok, text):
     assert tok.decode(ids) == text
 
 
+@pytest.mark.parametrize("text", ["Convert 21600 seconds to hours.", "x = 1000007 + 42",
+                                  "the answer is 84."])
+def test_numbers_are_single_digits(tok, text):
+    """Every digit is its own token, so a number tokenises the same wherever it stands."""
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    pieces = [tok.decode([i]) for i in ids]
+    assert "".join(pieces) == text
+    for piece in pieces:
+        assert not any(c.isdigit() for c in piece) or len(piece.strip()) == 1, pieces
+
+
 def test_chat_template_is_the_training_prompt(tok):
     p = render_prompt(tok, "Convert 3 km to m.")
     assert p == "<|user|>\nConvert 3 km to m.\n<|assistant|>\n"

@@ -217,7 +217,7 @@ def tokenizer_fingerprint(cfg: ModulaConfig) -> str:
     return _hash({
         "vocab_size": cfg.model.tiny.vocab_size,
         "data": [domain_fingerprint(builtin_domain_config(cfg, n)) for n in CORPUS_DOMAINS],
-        "version": 1,
+        "version": 2,  # 2: numbers split into single digits
     })
 
 

@@ -5,7 +5,7 @@
 - ``code``: real standard-library Python functions; prompt = signature (+ docstring), response =
   the body; split **by module**, so no test module is seen in training;
 - ``math``: arithmetic word problems with worked steps and an exact answer;
-- ``units``: unit conversions with integer answers;
+- ``units``: unit conversions by powers of ten (km to m, g to mg, ...), integer answers;
 - ``headlines``: a market headline → ``up`` / ``down`` label;
 - ``products``: one field (price, brand, colour, weight) extracted from a product description.
 
@@ -44,7 +44,7 @@ __all__ = [
 
 SPLITS = ("train", "validation", "test")
 # bump when a generator changes: it is part of every data fingerprint
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"  # 2: units in powers of ten
 
 # response length caps (characters) keep prompt + response within a few hundred tokens
 _GENERAL_MAX_RESPONSE = 480
@@ -377,23 +377,24 @@ def _gen_math(rng: random.Random) -> Example:
     return Example(q, f"{steps} The answer is {ans}.", str(ans), group=f"math:{q}")
 
 
-# (from unit, to unit, factor): value_to = value_from * factor; integer answers both ways
+# (from unit, to unit, factor): value_to = value_from * factor. Powers of ten only: converting
+# is moving digits (append or drop zeros), which a model of a few million parameters learns from
+# a few thousand examples; multiplying by 60 or 16 it does not (all variants stayed at 0 % exact
+# match with hours/seconds, pounds/ounces and the like in the mix: docs/method.md, "The suite").
 _CONVERSIONS = [
-    ("km", "m", 1000), ("m", "cm", 100), ("cm", "mm", 10), ("kg", "g", 1000), ("L", "mL", 1000),
-    ("hours", "minutes", 60), ("minutes", "seconds", 60), ("days", "hours", 24),
-    ("weeks", "days", 7), ("feet", "inches", 12), ("yards", "feet", 3), ("dozen", "items", 12),
-    ("years", "months", 12), ("tonnes", "kg", 1000), ("m", "mm", 1000), ("hours", "seconds", 3600),
-    ("gallons", "quarts", 4), ("pounds", "ounces", 16), ("decades", "years", 10),
+    ("km", "m", 1000), ("m", "cm", 100), ("cm", "mm", 10), ("m", "mm", 1000), ("kg", "g", 1000),
+    ("g", "mg", 1000), ("tonnes", "kg", 1000), ("L", "mL", 1000), ("kL", "L", 1000),
+    ("decades", "years", 10), ("centuries", "years", 100),
 ]
 
 
 def _gen_units(rng: random.Random) -> Example:
     src, dst, factor = rng.choice(_CONVERSIONS)
-    if rng.random() < 0.7:
+    if rng.random() < 0.6:
         v = rng.randint(1, 250)
         q, ans = f"Convert {v} {src} to {dst}.", f"{v * factor} {dst}"
     else:
-        k = rng.randint(1, 80)
+        k = rng.randint(1, 250)
         q, ans = f"Convert {k * factor} {dst} to {src}.", f"{k} {src}"
     return Example(q, ans, ans, group=f"units:{q}")
 

@@ -48,13 +48,19 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path,
     """Train byte-level BPE on `texts`, save an HF tokenizer directory to `out_dir`, return it.
 
     The special tokens take the first ids (pad = 0, eos = 1); the 256 byte symbols are always in
-    the vocabulary, so any text round-trips.
+    the vocabulary, so any text round-trips. Numbers are split into single digits before BPE (as
+    Llama and Qwen2 do): merged digit runs ("216", "00") make the same number tokenise
+    differently in different places, which a small model cannot learn arithmetic or unit
+    conversion through.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
