@@ -511,6 +511,9 @@ def plot(data: dict[str, Any], path: Path, x: str = "rows") -> Path:
             xs = [c["rows_seen" if x == "rows" else "step"] for c in r["curve"]]
             ys = [c["val_loss"] for c in r["curve"]]
             label = f"{r['rows']} rows x {r['steps']} steps"
+            extra = r["setting"].removeprefix(f"{r['rows']}x{r['steps']}").strip()
+            if extra:  # a merged results file names what else differs
+                label += f", {extra}"
             if r["exact_match"] is not None:
                 label += f" (EM {r['exact_match']:.0f} %)"
             ax.plot(xs, ys, f"C{i}-o", ms=3, label=label)
@@ -525,7 +528,7 @@ def plot(data: dict[str, Any], path: Path, x: str = "rows") -> Path:
         ax.legend(fontsize=8)
     s = data["settings"]
     fig.suptitle(f"domain stage, MoDULA-{s['variant'].capitalize()}: {s['comparison']} "
-                 f"(lr {s['lr']:g}; * = best)", fontsize=10)
+                 f"(lr {s['lr']:g}; * = best)", fontsize=9, wrap=True)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
