@@ -25,16 +25,13 @@ step that would build graph :data:`RECOMPILE_LIMIT` + 1 fails the same way (eage
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.fx.experimental._config
 from torch import Tensor
 
 from .inference import routing_plan
-
-if TYPE_CHECKING:
-    from .model import ModulaModel
 
 __all__ = ["COMPILE_TARGETS", "RECOMPILE_LIMIT", "CompiledDecode"]
 
@@ -56,7 +53,7 @@ class CompiledDecode:
     ``compiled_calls``: steps that ran compiled (tests, benchmarks); ``failure``: why the
     compiled step was given up (None while it holds)."""
 
-    def __init__(self, model: ModulaModel):
+    def __init__(self, model: Any):  # a ModulaModel (model.py imports this module)
         self._model = model
         self._fn: Any = None
         self.failure: str | None = None
