@@ -462,17 +462,6 @@ def train_curve(cfg: Any, storage: Any, tok: Any, domain: str, rows_per_step: in
 # ------------------------------------------------------------------------------------ output
 
 
-def finite(obj: Any) -> Any:
-    """JSON has no NaN or infinity: they become null."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [finite(v) for v in obj]
-    return obj
-
-
 def _f(v: Any, digits: int = 3) -> str:
     return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else \
         f"{v:.{digits}f}"
@@ -626,6 +615,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         data = run(args)
         args.out.mkdir(parents=True, exist_ok=True)
+        from modula.eval.evaluate import finite
+
         (args.out / f"{args.name}.json").write_text(json.dumps(finite(data), indent=1) + "\n")
     print_tables(data)
     png = plot(data, args.out / f"{args.name}.png", args.x)

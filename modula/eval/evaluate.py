@@ -47,6 +47,7 @@ __all__ = [
     "label_set",
     "ROUTINGS",
     "Route",
+    "finite",
     "Routing",
     "pinned_routing",
     "request_routing",
@@ -79,7 +80,7 @@ class VariantResult:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        return _finite(d)
+        return finite(d)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VariantResult:
@@ -87,14 +88,14 @@ class VariantResult:
         return cls(**{**d, "domains": doms})
 
 
-def _finite(obj: Any) -> Any:
+def finite(obj: Any) -> Any:
     """JSON has no inf/nan: they become None."""
     if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
         return None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: finite(v) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_finite(v) for v in obj]
+        return [finite(v) for v in obj]
     return obj
 
 
