@@ -789,7 +789,8 @@ class ServeConfig(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # torch.compile in each expert replica: `decode` compiles the decode step (one token per
     # row; the prefill stays eager), falling back to eager with a warning if compiling fails;
-    # `none` keeps every forward eager (docs/serving.md, "Compiling the decode step")
+    # `none` (the default: compiled measured 1.03-1.18x slower than eager on CPU) keeps every
+    # forward eager (docs/serving.md, "Compiling the decode step")
     compile: Literal["none", "decode"] = "none"
 
     @property
