@@ -1,9 +1,11 @@
 """`modula demo`: the main job end to end on a config (default: the embedded default).
 
 Validate the config, start Ray, build the data, pretrain (or reuse) the base model, train the
-three MoDULA stages, evaluate the base model and the trained variant, write the report, deploy
-the Serve application and query it once per domain through the OpenAI API, then shut it down.
-Every step prints what it does; each is the same code path as its own command.
+three MoDULA stages, plug in each reserved domain as `modula add-domain` does (its expert and
+the routers only, on top of the version just published, the old experts' files untouched),
+evaluate the base model and the trained variant, write the report, deploy the Serve application
+and query it through the OpenAI API, then shut it down. Every step prints what it does; each is
+the same code path as its own command.
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ from modula.eval.report import domain_line, render_table, write_report
 from modula.eval.run import run_eval
 from modula.infra.commands import print_resources
 from modula.infra.connect import ray_session
-from modula.infra.layout import DATA
+from modula.infra.layout import DATA, published_name
+from modula.infra.registry import Registry
 from modula.infra.storage import Storage
 from modula.serving.deploy import deploy, preflight
-from modula.trainers import run_pretrain, train
+from modula.trainers import add_domain, run_pretrain, train
 
 __all__ = ["answers_table", "register", "run_demo", "serve_and_query"]
 
@@ -69,6 +72,8 @@ def run_demo(config: Path | None, sets: list[str] | None) -> None:
         costs = train(cfg, "all", storage=storage, console=console)
         console.print(f"{len(costs)} runs, {sum(c.worker_seconds for c in costs):.0f} worker-seconds")
         mark = _phase(phases, "3. three stages", mark)
+        if add_reserved(cfg, storage):
+            mark = _phase(phases, "3b. add-domain", mark)
         console.rule("4. evaluation")
         results = {}
         for variant in ("base", cfg.modula.variant):
@@ -86,6 +91,31 @@ def run_demo(config: Path | None, sets: list[str] | None) -> None:
     phases["total"] = time.time() - t0
     _print_phases(phases)
     console.rule(f"[green]demo finished in {phases['total']:.0f}s")
+
+
+def add_reserved(cfg: ModulaConfig, storage: Storage) -> list[str]:
+    """Plug each reserved domain into the version the stages just published, the way
+    `modula add-domain NAME` does, and show that the old experts' files did not change (their
+    sha256 in both manifests). Returns the domains added; none for the baselines."""
+    if cfg.modula.variant not in ("flan", "res"):
+        return []
+    added = []
+    registry = Registry.from_config(cfg)
+    rname = published_name(cfg, cfg.modula.variant)
+    for d in cfg.domains:
+        if not d.reserved or d.name == "general":
+            continue
+        before = registry.show(rname)
+        console.rule(f"3b. add-domain {d.name}: its expert and the routers only")
+        version, costs = add_domain(cfg, d.name, storage=storage, console=console)
+        after = registry.show(rname, version.version)
+        kept = [n for n, e in before.experts.items()
+                if n in after.experts and after.experts[n].sha256 == e.sha256]
+        console.print(f"{rname} v{before.version} -> v{after.version}: + {d.name}, "
+                      f"{sum(c.worker_seconds for c in costs):.0f} worker-seconds; unchanged "
+                      f"files: {', '.join(kept)}")
+        added.append(d.name)
+    return added
 
 
 def _show_domain(r: DomainResult) -> None:
