@@ -9,6 +9,7 @@ import pytest
 from modula.data.builtin import (
     _CONVERSIONS,
     _DOWN,
+    _UNIT_FACTS,
     _UP,
     BUILTIN_BUILDERS,
     Example,
@@ -99,10 +100,10 @@ def test_math_answers_are_exact(suites):
         assert steps[-1][3] == e.answer
 
 
-def test_units_answers_follow_the_conversion(suites):
+def test_convert_answers_follow_the_conversion(suites):
     factors = {(a, b): f for a, b, f in _CONVERSIONS}
     assert all(str(f).rstrip("0") == "1" for f in factors.values())  # powers of ten
-    for e in [x for s in suites["units"].values() for x in s]:
+    for e in [x for s in suites["convert"].values() for x in s]:
         m = re.fullmatch(r"Convert (\d+) (\S+) to (\S+)\.", e.prompt)
         assert m, e.prompt
         v, src, dst = int(m.group(1)), m.group(2), m.group(3)
@@ -112,6 +113,21 @@ def test_units_answers_follow_the_conversion(suites):
             assert int(val) == v * factors[(src, dst)]
         else:
             assert int(val) * factors[(dst, src)] == v
+
+
+def test_units_answers_are_the_table_facts(suites):
+    """Each prompt names one (larger, smaller) pair of the table, and the answer is its count;
+    held-out prompts ask the table's facts in other words than the train prompts."""
+    for split, rows in suites["units"].items():
+        for e in rows:
+            hits = [(b, s, n) for b, s, n in _UNIT_FACTS
+                    if re.search(rf"\b{s}\b", e.prompt) and re.search(rf"\b(a|one|1) {b}\b", e.prompt, re.IGNORECASE)]
+            assert len(hits) == 1, (split, e.prompt, hits)
+            assert e.answer == e.response == str(hits[0][2])
+    train = {_norm(e.prompt) for e in suites["units"]["train"]}
+    assert not train & {_norm(e.prompt) for e in suites["units"]["test"]}
+    asked = {e.answer for e in suites["units"]["test"]}
+    assert len(asked) >= 10  # the test split spans the table, not one fact
 
 
 def test_headline_labels_follow_the_event(suites):

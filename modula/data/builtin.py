@@ -5,7 +5,11 @@
 - ``code``: real standard-library Python functions; prompt = signature (+ docstring), response =
   the body; split **by module**, so no test module is seen in training;
 - ``math``: arithmetic word problems with worked steps and an exact answer;
-- ``units``: unit conversions by powers of ten (km to m, g to mg, ...), integer answers;
+- ``units``: how many of one unit make another (a table of 40 facts: feet in a mile, hours in
+  a day, ...), asked in many phrasings; closed-book recall of domain knowledge, the answer a
+  number;
+- ``convert``: unit conversions by powers of ten (5100 cm to m, ...), which need copying and
+  arithmetic; the ``units`` of builder version 2, for models that can do that;
 - ``headlines``: a market headline → ``up`` / ``down`` label;
 - ``products``: one field (price, brand, colour, weight) extracted from a product description.
 
@@ -44,7 +48,7 @@ __all__ = [
 
 SPLITS = ("train", "validation", "test")
 # bump when a generator changes: it is part of every data fingerprint
-BUILDER_VERSION = "2"  # 2: units in powers of ten
+BUILDER_VERSION = "3"  # 2: units in powers of ten; 3: units are unit facts, that is convert
 
 # response length caps (characters) keep prompt + response within a few hundred tokens
 _GENERAL_MAX_RESPONSE = 480
@@ -377,6 +381,47 @@ def _gen_math(rng: random.Random) -> Example:
     return Example(q, f"{steps} The answer is {ans}.", str(ans), group=f"math:{q}")
 
 
+# (larger unit, smaller unit, how many of the smaller make one larger): the ``units`` domain's
+# table. Its answers come from nowhere in the prompt: a rank-8 expert on the built-in base learns
+# such a lookup (headlines: 54 of 60 exact), while copying a number from the prompt, which
+# ``convert`` needs, it does not learn (docs/method.md, "Budgets").
+_UNIT_FACTS = [
+    ("kilometre", "metres", 1000), ("metre", "centimetres", 100), ("centimetre", "millimetres", 10),
+    ("metre", "millimetres", 1000), ("mile", "feet", 5280), ("mile", "yards", 1760),
+    ("yard", "feet", 3), ("foot", "inches", 12), ("yard", "inches", 36),
+    ("nautical mile", "metres", 1852), ("kilogram", "grams", 1000), ("gram", "milligrams", 1000),
+    ("tonne", "kilograms", 1000), ("pound", "ounces", 16), ("stone", "pounds", 14),
+    ("litre", "millilitres", 1000), ("kilolitre", "litres", 1000), ("gallon", "quarts", 4),
+    ("quart", "pints", 2), ("tablespoon", "teaspoons", 3), ("cup", "tablespoons", 16),
+    ("minute", "seconds", 60), ("hour", "minutes", 60), ("hour", "seconds", 3600),
+    ("day", "hours", 24), ("week", "days", 7), ("fortnight", "days", 14), ("year", "months", 12),
+    ("leap year", "days", 366), ("decade", "years", 10), ("century", "years", 100),
+    ("millennium", "years", 1000), ("byte", "bits", 8), ("kibibyte", "bytes", 1024),
+    ("kilobyte", "bytes", 1000), ("full turn", "degrees", 360), ("right angle", "degrees", 90),
+    ("degree", "arcminutes", 60), ("hectare", "square metres", 10000), ("acre", "square feet", 43560),
+]
+_FACT_FORMS = [
+    "How many {small} are in a {big}?", "How many {small} make one {big}?",
+    "One {big} equals how many {small}?", "A {big} is how many {small}?",
+    "Number of {small} in one {big}?", "How many {small} does a {big} have?",
+    "Unit check: 1 {big} = ? {small}", "In {small}, how much is one {big}?",
+]
+_ASKED_FORMS = [
+    "{name} asks: how many {small} are in a {big}?", "{name} wants to know how many {small} make a {big}.",
+    "{name} is revising units. How many {small} are there in one {big}?",
+    "Help {name}: one {big} is how many {small}?",
+]
+
+
+def _gen_units(rng: random.Random) -> Example:
+    big, small, n = rng.choice(_UNIT_FACTS)
+    if rng.random() < 0.25:
+        q = rng.choice(_FACT_FORMS).format(big=big, small=small)
+    else:
+        q = rng.choice(_ASKED_FORMS).format(name=rng.choice(_NAMES), big=big, small=small)
+    return Example(q, str(n), str(n), group=f"units:{q}")
+
+
 # (from unit, to unit, factor): value_to = value_from * factor. Powers of ten only: converting
 # is moving digits (append or drop zeros). The built-in base model learns that from a few
 # thousand examples when all of its weights train, but not through rank-8 adapters (docs/method.md,
@@ -389,7 +434,7 @@ _CONVERSIONS = [
 ]
 
 
-def _gen_units(rng: random.Random) -> Example:
+def _gen_convert(rng: random.Random) -> Example:
     src, dst, factor = rng.choice(_CONVERSIONS)
     if rng.random() < 0.6:
         v = rng.randint(1, 250)
@@ -397,7 +442,7 @@ def _gen_units(rng: random.Random) -> Example:
     else:
         k = rng.randint(1, 250)
         q, ans = f"Convert {k * factor} {dst} to {src}.", f"{k} {src}"
-    return Example(q, ans, ans, group=f"units:{q}")
+    return Example(q, ans, ans, group=f"convert:{q}")
 
 
 _SYLLABLES = ["ac", "bel", "cor", "dyn", "el", "fal", "gen", "hal", "ix", "jo", "kor", "lum",
@@ -507,6 +552,7 @@ BUILTIN_BUILDERS: dict[str, Callable[[int, int], list[Example]]] = {
     "code": _real(_code_examples),
     "math": _generated(_gen_math, "math"),
     "units": _generated(_gen_units, "units"),
+    "convert": _generated(_gen_convert, "convert"),
     "headlines": _generated(_gen_headline, "headlines"),
     "products": _generated(_gen_product, "products"),
 }
