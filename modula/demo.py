@@ -99,12 +99,6 @@ def add_reserved(cfg: ModulaConfig, storage: Storage) -> list[str]:
     sha256 in both manifests). Returns the domains added; none for the baselines."""
     if cfg.modula.variant not in ("flan", "res"):
         return []
-    # The new expert's run is alone on the cluster (the domain stage ran its experts side by
-    # side, one worker's CPUs each), so it gets the scaling of the other runs that are alone:
-    # the router stage's (both cores on a laptop: 97 s -> about 60 s for headlines).
-    stages = cfg.stages.model_copy(update={"domain": cfg.stages.domain.model_copy(
-        update={"scaling": cfg.stages.router.scaling})})
-    alone = cfg.model_copy(update={"stages": stages})
     added = []
     registry = Registry.from_config(cfg)
     rname = published_name(cfg, cfg.modula.variant)
@@ -113,7 +107,7 @@ def add_reserved(cfg: ModulaConfig, storage: Storage) -> list[str]:
             continue
         before = registry.show(rname)
         console.rule(f"3b. add-domain {d.name}: its expert and the routers only")
-        version, costs = add_domain(alone, d.name, storage=storage, console=console)
+        version, costs = add_domain(cfg, d.name, storage=storage, console=console)
         after = registry.show(rname, version.version)
         kept = [n for n, e in before.experts.items()
                 if n in after.experts and after.experts[n].sha256 == e.sha256]
