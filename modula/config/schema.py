@@ -522,7 +522,8 @@ class StageConfig(_Section):
 
 # Each stage's own defaults; a partial section in a file or a --set keeps the rest of them.
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
-    # Sized so that `make demo` (all of it, on a fresh 2-core machine) fits in 20 minutes: a run
+    # Sized for `make demo` (all of it, on a fresh 2-core machine) to fit in about 20 minutes; with
+    # the add-domain step it took 20-22 (README, "Results"). A run
     # alone on the machine takes both cores; the domain experts train side by side, one core each.
     # The domain experts take many small steps (4 packed rows) rather than few large ones (16
     # rows): the same examples, and a lower validation loss at the same rows. 240 steps rather
