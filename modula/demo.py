@@ -102,19 +102,18 @@ def add_reserved(cfg: ModulaConfig, storage: Storage) -> list[str]:
     added = []
     registry = Registry.from_config(cfg)
     rname = published_name(cfg, cfg.modula.variant)
-    for d in cfg.domains:
-        if not d.reserved or d.name == "general":
-            continue
+    trained = set(cfg.expert_domains())
+    for name in [d for d in cfg.expert_domains(include_reserved=True) if d not in trained]:
         before = registry.show(rname)
-        console.rule(f"3b. add-domain {d.name}: its expert and the routers only")
-        version, costs = add_domain(cfg, d.name, storage=storage, console=console)
+        console.rule(f"3b. add-domain {name}: its expert and the routers only")
+        version, costs = add_domain(cfg, name, storage=storage, console=console)
         after = registry.show(rname, version.version)
         kept = [n for n, e in before.experts.items()
                 if n in after.experts and after.experts[n].sha256 == e.sha256]
-        console.print(f"{rname} v{before.version} -> v{after.version}: + {d.name}, "
+        console.print(f"{rname} v{before.version} -> v{after.version}: + {name}, "
                       f"{sum(c.worker_seconds for c in costs):.0f} worker-seconds; unchanged "
                       f"files: {', '.join(kept)}")
-        added.append(d.name)
+        added.append(name)
     return added
 
 

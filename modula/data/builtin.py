@@ -1,4 +1,4 @@
-"""The built-in domain suite: six domains built on this machine, deterministically, with no download.
+"""The built-in domain suite: seven domains built on this machine, deterministically, with no download.
 
 - ``general``: English prose about Python from the interpreter's own documentation
   (``pydoc_data.topics``) and standard-library docstrings (read with ``ast``, nothing imported);
@@ -48,7 +48,7 @@ __all__ = [
 
 SPLITS = ("train", "validation", "test")
 # bump when a generator changes: it is part of every data fingerprint
-BUILDER_VERSION = "3"  # 2: units in powers of ten; 3: units are unit facts, that is convert
+BUILDER_VERSION = "3"  # 2: units in powers of ten; 3: units is the unit-fact table, those conversions are convert
 
 # response length caps (characters) keep prompt + response within a few hundred tokens
 _GENERAL_MAX_RESPONSE = 480
